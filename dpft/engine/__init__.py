@@ -1,0 +1,1 @@
+"""The shared training engine: one `train(spec)` path for every method."""

@@ -1,0 +1,62 @@
+"""Privacy accounting: σ calibration, the run's accountant, and an independent cross-check.
+
+Assumption everywhere: each optimizer step is one Poisson-subsampled Gaussian mechanism
+(every example joins the logical batch independently with probability q; add/remove-one
+neighbours) whose noise std divided by the L2 sensitivity is the noise multiplier σ. The run's
+accountant is Opacus' (RDP or PRV); the cross-check is Google's ``dp_accounting`` (RDP for RDP,
+PLD for PRV), a separate implementation.
+"""
+
+from __future__ import annotations
+
+import math
+
+from dpft.errors import DpftError
+
+
+def make_accountant(name: str):
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    return {"rdp": RDPAccountant, "prv": PRVAccountant}[name]()
+
+
+def default_delta(n: int) -> float:
+    """δ = N^-1.1 (private-transformers' default): below 1/N, so no single example can be leaked
+    with the δ slack."""
+    return float(n) ** -1.1
+
+
+def calibrate_sigma(epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
+    """Smallest σ (within Opacus' bisection tolerance 0.01 in ε) whose ε after `steps` steps is
+    at most `epsilon`."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    try:
+        return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
+                                          steps=steps, accountant=accountant, epsilon_tolerance=0.01))
+    except ValueError as e:
+        raise DpftError(f"cannot calibrate σ for ε={epsilon}, δ={delta}, q={sample_rate:.4g}, "
+                        f"steps={steps}: {e}") from None
+
+
+def epsilon_of(accountant, delta: float) -> float:
+    if len(accountant.history) == 0:
+        return 0.0
+    return float(accountant.get_epsilon(delta=delta))
+
+
+def independent_epsilon(history, delta: float, accountant: str) -> float:
+    """ε of an Opacus-style history [(σ, q, steps), ...] computed by dp_accounting."""
+    import dp_accounting
+    from dp_accounting import pld, rdp
+
+    events = [dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), int(steps))
+        for sigma, q, steps in history]
+    if not events:
+        return 0.0
+    event = dp_accounting.ComposedDpEvent(events)
+    acc = rdp.RdpAccountant() if accountant == "rdp" else pld.PLDAccountant()
+    acc.compose(event)
+    eps = float(acc.get_epsilon(delta))
+    return eps if math.isfinite(eps) else float("inf")

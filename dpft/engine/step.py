@@ -1,0 +1,154 @@
+"""One optimizer step as a plain function: per-sample gradients → clip → noise → post-process →
+optimizer. Every method runs through `dp_step`; `nonprivate_step` is the plain baseline.
+
+Privacy-relevant invariants (tested in tests/test_privacy.py):
+* each example's contribution to the clipped sum S has L2 norm ≤ method.sensitivity();
+* the noise added to S is N(0, std²) per entry with std = method.noise_std()[name], from a
+  generator that nothing else draws from;
+* `method.postprocess` receives only the privatised mean (S + Z)/B and public numbers; S itself
+  is used afterwards for the alignment diagnostics only and never reaches the update.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dpft.errors import DpftError
+from dpft.models import model_inputs
+
+
+@dataclass
+class Batch:
+    input_ids: Tensor
+    attention_mask: Tensor
+    labels: Tensor
+    token_type_ids: Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def per_sample_loss(model: nn.Module, batch: Batch) -> Tensor:
+    """Loss of each example (the privacy unit), shape [b]."""
+    out = model(**model_inputs(model, batch.input_ids, batch.attention_mask, batch.token_type_ids))
+    return F.cross_entropy(out.logits.float(), batch.labels, reduction="none")
+
+
+def _cos(dot: float, na: float, nb: float) -> float:
+    return dot / (na * nb) ** 0.5 if na > 0 and nb > 0 else float("nan")
+
+
+def _clipped_sum_hooks(model, batch, method, params, clipped) -> tuple[Tensor, Tensor, Tensor]:
+    losses = per_sample_loss(model, batch)
+    losses.sum().backward()
+    grad_samples = [p.grad_sample for p in params.values()]
+    if any(g is None for g in grad_samples):
+        missing = [n for n, p in params.items() if p.grad_sample is None]
+        raise DpftError(f"no per-sample gradient for {missing[:3]}: the layer is unused or unsupported")
+    sq_norms = torch.stack([g.flatten(1).float().pow(2).sum(1) for g in grad_samples])  # [P, b]
+    factors = method.clip_factors(sq_norms)
+    for k, (name, p) in enumerate(params.items()):
+        w = factors if factors.dim() == 1 else factors[k]
+        clipped[name].add_(torch.einsum("b,b...->...", w.to(p.grad_sample.dtype), p.grad_sample))
+        p.grad_sample = None
+        p.grad = None
+    return losses.detach(), sq_norms.sum(0).sqrt(), factors
+
+
+def _clipped_sum_ghost(model, batch, method, params, clipped, hooks) -> tuple[Tensor, Tensor, Tensor]:
+    """Ghost clipping: per-sample norms from activations and output gradients (no per-sample
+    gradient is materialised for Linear/Embedding), then a second backward of Σ w_i·loss_i."""
+    losses = per_sample_loss(model, batch)
+    losses.sum().backward(retain_graph=True)
+    sq_norms = torch.stack([p._norm_sample.float().pow(2) for p in params.values()])
+    factors = method.clip_factors(sq_norms)
+    if factors.dim() != 1:
+        raise DpftError(f"method {method.name} needs per-parameter factors: use engine.grad_sample_mode=hooks")
+    for p in params.values():
+        p.grad = None
+    hooks.disable_hooks()
+    try:
+        (factors.detach().to(losses.dtype) * losses).sum().backward()
+    finally:
+        hooks.enable_hooks()
+    for name, p in params.items():
+        if p.grad is not None:
+            clipped[name].add_(p.grad)
+        p.grad = None
+    return losses.detach(), sq_norms.sum(0).sqrt(), factors
+
+
+def dp_step(*, model, chunks: list[Batch], method, params: dict[str, nn.Parameter], optimizer,
+            noise_generator: torch.Generator, mode: str, hooks, step: int,
+            alignment: bool = True, per_layer: bool = False) -> dict:
+    """One DP optimizer step over a Poisson-sampled logical batch split into `chunks`."""
+    clipped = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    losses, norms, factors = [], [], []
+    for batch in chunks:  # an empty Poisson draw leaves S = 0 and still takes the noisy step
+        if mode == "hooks":
+            out = _clipped_sum_hooks(model, batch, method, params, clipped)
+        else:
+            out = _clipped_sum_ghost(model, batch, method, params, clipped, hooks)
+        losses.append(out[0]); norms.append(out[1])
+        factors.append(out[2] if out[2].dim() == 1 else out[2].min(0).values)
+
+    b = method.privacy.expected_batch_size
+    std = method.noise_std()
+    noised = {}
+    for name, s in clipped.items():
+        z = torch.normal(0.0, float(std[name]), size=s.shape, generator=noise_generator, device=s.device)
+        noised[name] = (s + z) / b
+    processed = method.postprocess(noised, {n: float(std[n]) / b for n in noised}, step)
+
+    stats = {"batch_size": sum(len(c) for c in chunks)}
+    if losses:
+        all_losses, all_norms, all_f = torch.cat(losses), torch.cat(norms), torch.cat(factors)
+        stats["loss"] = float(all_losses.mean())
+        stats["clipped_frac"] = float((all_f < 1.0 - 1e-6).float().mean())
+        stats["grad_norm_median"] = float(all_norms.median())
+    if alignment:
+        stats.update(_alignment(clipped, noised, processed, b, per_layer))
+
+    for name, p in params.items():
+        p.grad = processed[name].to(p.dtype)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return stats
+
+
+def _alignment(clipped, noised, processed, b, per_layer) -> dict:
+    """cos(noised, clipped) and cos(processed, clipped) over the whole trainable vector; the
+    clipped gradient X = S/B is a non-private diagnostic."""
+    dn = dp = nx = nn_ = np_ = 0.0
+    layers = {}
+    for name, s in clipped.items():
+        x = s / b
+        g, h = noised[name], processed[name]
+        xg, xh = float((x * g).sum()), float((x * h).sum())
+        xx, gg = float((x * x).sum()), float((g * g).sum())
+        hh = gg if h is g else float((h * h).sum())
+        dn += xg; dp += xh; nx += xx; nn_ += gg; np_ += hh
+        if per_layer and h is not g:
+            c_n, c_p = _cos(xg, xx, gg), _cos(xh, xx, hh)
+            layers[f"layer/{name}/cos_noised"] = c_n
+            layers[f"layer/{name}/improvement"] = c_p - c_n
+    cos_n, cos_p = _cos(dn, nx, nn_), _cos(dp, nx, np_)
+    out = {"cos_noised": cos_n, "cos_final": cos_p, "improvement": cos_p - cos_n}
+    out.update(layers)
+    return out
+
+
+def nonprivate_step(*, model, chunks: list[Batch], params, optimizer) -> dict:
+    total = sum(len(c) for c in chunks)
+    loss_sum = 0.0
+    for batch in chunks:
+        losses = per_sample_loss(model, batch)
+        (losses.sum() / total).backward()
+        loss_sum += float(losses.detach().sum())
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"batch_size": total, "loss": loss_sum / max(total, 1)}

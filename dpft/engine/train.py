@@ -1,0 +1,387 @@
+"""`train(spec)`: the one training path every method shares.
+
+data → tokenizer → model → per-sample hooks (Opacus) → σ calibration → Poisson-sampled logical
+batches split into physical micro-batches → `dp_step` → periodic eval → summary. Everything that
+can fail on bad input (data, model, sizes, calibration) runs in `prepare` before the run
+directory is touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from dpft import __version__, store
+from dpft.config import RunSpec
+from dpft.data.tasks import TaskData, load_task
+from dpft.engine import accountant as acct
+from dpft.engine.step import Batch, dp_step, nonprivate_step
+from dpft.errors import DpftError
+from dpft.methods import PrivacyParams, build_method
+
+log = logging.getLogger("dpft")
+
+
+@dataclass
+class Encoded:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    token_type_ids: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def batch(self, idx, device) -> Batch:
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        mask = self.attention_mask[idx]
+        t = max(int(mask.sum(1).max()), 1) if len(idx) else 1  # trim padding per micro-batch
+        take = lambda x: None if x is None else x[idx, :t].to(device)  # noqa: E731
+        return Batch(take(self.input_ids), mask[:, :t].to(device), self.labels[idx].to(device),
+                     take(self.token_type_ids))
+
+
+@dataclass
+class Prepared:
+    spec: RunSpec
+    data: TaskData
+    train_enc: Encoded
+    eval_enc: Encoded
+    model: torch.nn.Module
+    method: object
+    device: torch.device
+    steps: int
+    sample_rate: float
+    delta: float | None
+    sigma: float | None
+    info: dict = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise DpftError(f"runtime.device: unknown device {name!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DpftError(f"runtime.device={name} but no CUDA device is available")
+    return dev
+
+
+def encode(tokenizer, split, max_length: int) -> Encoded:
+    cols = list(zip(*split.texts))
+    enc = tokenizer(*[list(c) for c in cols[:2]], padding="max_length", truncation=True,
+                    max_length=max_length, return_tensors="pt")
+    return Encoded(enc["input_ids"], enc["attention_mask"], torch.tensor(split.labels, dtype=torch.long),
+                   enc.get("token_type_ids"))
+
+
+def plan_steps(cfg, sample_rate: float) -> int:
+    if cfg.train.steps is not None:
+        return int(cfg.train.steps)
+    return max(1, math.ceil(float(cfg.train.epochs) / sample_rate))
+
+
+def prepare(spec: RunSpec) -> Prepared:
+    from dpft.models import load_classifier, load_tokenizer
+
+    cfg = spec.cfg
+    if cfg.runtime.num_threads:
+        torch.set_num_threads(int(cfg.runtime.num_threads))
+    device = resolve_device(str(cfg.runtime.device))
+    method = build_method(cfg)
+    data = load_task(cfg.task)
+    n = len(data.train)
+    bs = int(cfg.train.batch_size)
+    if bs > n:
+        raise DpftError(f"train.batch_size={bs} is larger than the training set ({n} examples)")
+    q = bs / n
+    steps = plan_steps(cfg, q)
+    delta = sigma = None
+    if method.private:
+        delta = float(cfg.privacy.delta) if cfg.privacy.delta is not None else acct.default_delta(n)
+        sigma = (float(cfg.privacy.noise_multiplier) if cfg.privacy.noise_multiplier is not None
+                 else acct.calibrate_sigma(float(cfg.privacy.epsilon), delta, q, steps, cfg.privacy.accountant))
+    tokenizer = load_tokenizer(cfg.model)
+    train_enc = encode(tokenizer, data.train, int(cfg.task.max_length))
+    eval_enc = encode(tokenizer, data.eval, int(cfg.task.max_length))
+    model = load_classifier(cfg.model, len(data.labels), int(cfg.seed))
+    model.to(device)  # before any wrapping (Opacus #820: moving after PEFT/hooks corrupts updates)
+    return Prepared(spec, data, train_enc, eval_enc, model, method, device, steps, q, delta, sigma)
+
+
+def _git_sha() -> str | None:
+    try:
+        here = Path(__file__).resolve().parent
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except Exception:
+        return None
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"dpft": __version__, "python": platform.python_version()}
+    for pkg in ("torch", "opacus", "transformers", "hydra-core", "wandb"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def evaluate(model, enc: Encoded, device, batch_size: int, task_cfg) -> dict:
+    from sklearn.metrics import accuracy_score, f1_score
+
+    was_training = model.training
+    model.eval()
+    preds = []
+    from dpft.models import model_inputs
+
+    with torch.no_grad():
+        for start in range(0, len(enc), batch_size):
+            b = enc.batch(range(start, min(start + batch_size, len(enc))), device)
+            logits = model(**model_inputs(model, b.input_ids, b.attention_mask, b.token_type_ids)).logits
+            preds.append(logits.argmax(-1).cpu())
+    model.train(was_training)  # Opacus only captures activations in training mode
+    y, p = enc.labels.numpy(), torch.cat(preds).numpy()
+    out = {"accuracy": float(accuracy_score(y, p))}
+    if "f1" in list(task_cfg.get("extra_metrics", []) or []):
+        out["f1"] = float(f1_score(y, p))
+    return out
+
+
+def steps_to(evals: list[dict], key: str, threshold: float) -> int | None:
+    for rec in evals:
+        if rec.get(key) is not None and rec[key] >= threshold:
+            return int(rec["step"])
+    return None
+
+
+def _eval_steps(cfg, steps: int) -> set[int]:
+    out = {steps}
+    if cfg.train.eval_every:
+        out.update(range(int(cfg.train.eval_every), steps + 1, int(cfg.train.eval_every)))
+    out.update(int(s) for s in cfg.train.eval_at if 0 < int(s) <= steps)
+    return out
+
+
+def _batches_nonprivate(n: int, bs: int, steps: int, gen: torch.Generator):
+    perm, pos = torch.randperm(n, generator=gen), 0
+    for _ in range(steps):
+        if pos + bs > n:
+            perm, pos = torch.randperm(n, generator=gen), 0
+        yield perm[pos:pos + bs].tolist()
+        pos += bs
+
+
+def _chunks(enc: Encoded, idx: list[int], size: int, device) -> list[Batch]:
+    return [enc.batch(idx[i:i + size], device) for i in range(0, len(idx), size)]
+
+
+def attach_hooks(model, mode: str, clip_norm: float):
+    """Opacus per-sample machinery attached *without wrapping* the model, so HF methods and
+    attribute access keep working."""
+    from opacus.grad_sample import GradSampleHooks
+    from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import GradSampleHooksFastGradientClipping
+    from opacus.validators import ModuleValidator
+
+    errors = ModuleValidator.validate(model, strict=False)
+    if errors:
+        raise DpftError(f"model has layers DP training cannot handle: {errors[0]}")
+    if mode == "hooks":
+        return GradSampleHooks(model, batch_first=True, loss_reduction="sum", strict=False)
+    return GradSampleHooksFastGradientClipping(model, batch_first=True, loss_reduction="sum", strict=False,
+                                               max_grad_norm=clip_norm, use_ghost_clipping=True)
+
+
+def run(prep: Prepared, run_path: Path, tracker, progress) -> dict:
+    """Train and write metrics.jsonl / summary.json into `run_path`. Returns the summary."""
+    cfg, method, model, device = prep.spec.cfg, prep.method, prep.model, prep.device
+    torch.manual_seed(int(cfg.seed))
+    model.train()
+    model = method.prepare_model(model)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    n = len(prep.train_enc)
+    privacy = None
+    if method.private:
+        privacy = PrivacyParams(sigma=prep.sigma, clip_norm=float(cfg.privacy.clip_norm), sample_rate=prep.sample_rate,
+                                expected_batch_size=prep.sample_rate * n, steps=prep.steps, delta=prep.delta)
+    method.setup(model, params, privacy)
+    optimizer = method.build_optimizer(params, cfg.optim)
+    from dpft.engine.optim import build_schedule
+
+    schedule = build_schedule(optimizer, cfg.train, prep.steps)
+    mode = str(cfg.engine.grad_sample_mode)
+    hooks = None
+    accountant = None
+    if method.private:
+        if mode == "ghost" and not method.supports_ghost:
+            raise DpftError(f"method {method.name} does not support ghost clipping; use engine.grad_sample_mode=hooks")
+        if abs(method.noise_multiplier() - prep.sigma) > 1e-9 * max(1.0, prep.sigma):
+            raise DpftError(f"method {method.name} spends σ_eff={method.noise_multiplier()} but σ={prep.sigma} was calibrated")
+        hooks = attach_hooks(model, mode, privacy.clip_norm)
+        accountant = acct.make_accountant(cfg.privacy.accountant)
+        from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+        gen = torch.Generator().manual_seed(int(cfg.seed) + 1)
+        batches = iter(UniformWithReplacementSampler(num_samples=n, sample_rate=prep.sample_rate,
+                                                     generator=gen, steps=prep.steps))
+    else:
+        batches = _batches_nonprivate(n, int(cfg.train.batch_size), prep.steps,
+                                      torch.Generator().manual_seed(int(cfg.seed) + 1))
+    noise_gen = torch.Generator(device=device).manual_seed(int(cfg.seed) + 2)
+
+    metrics = store.MetricsWriter(run_path / "metrics.jsonl")
+    eval_steps = _eval_steps(cfg, prep.steps)
+    primary = str(cfg.task.metric)
+    evals: list[dict] = []
+    t0 = time.time()
+    pbs, log_every = int(cfg.runtime.physical_batch_size), max(1, int(cfg.train.log_every))
+    eps = 0.0
+    try:
+        for step in range(1, prep.steps + 1):
+            idx = next(batches)
+            chunks = _chunks(prep.train_enc, idx, pbs, device)
+            ts = time.perf_counter()
+            if method.private:
+                stats = dp_step(model=model, chunks=chunks, method=method, params=params, optimizer=optimizer,
+                                noise_generator=noise_gen, mode=mode, hooks=hooks, step=step,
+                                alignment=bool(cfg.diagnostics.alignment), per_layer=bool(cfg.diagnostics.per_layer))
+                accountant.step(noise_multiplier=method.noise_multiplier(), sample_rate=prep.sample_rate)
+            else:
+                stats = nonprivate_step(model=model, chunks=chunks, params=params, optimizer=optimizer)
+            schedule.step()
+            step_time = time.perf_counter() - ts
+            record = {"step": step, "lr": schedule.get_last_lr()[0], "step_time": step_time}
+            record.update({f"train/{k}" if not k.startswith("layer/") else k: v for k, v in stats.items()})
+            diag = method.diagnostics()
+            record.update({f"method/{k}": v for k, v in diag.items()})
+            # a method's own cost as a fraction of the whole step (e.g. the denoiser's spectral work)
+            record.update({f"method/{k}_frac": v / step_time for k, v in diag.items()
+                           if k.endswith("time_s") and step_time > 0})
+            if step in eval_steps:
+                if method.private:
+                    eps = acct.epsilon_of(accountant, prep.delta)
+                ev = evaluate(model, prep.eval_enc, device, int(cfg.runtime.eval_batch_size), cfg.task)
+                record.update({f"eval/{k}": v for k, v in ev.items()})
+                record.update(_privacy_record(method, privacy, eps))
+                evals.append({"step": step, **ev})
+            if step % log_every == 0 or step in eval_steps:
+                metrics.write(record)
+                tracker.log(record, step)
+            progress.update(step, record)
+    finally:
+        metrics.close()
+        if hooks is not None:
+            hooks.cleanup()
+
+    wall = time.time() - t0
+    summary = _summary(cfg, prep, method, evals, primary, wall, accountant)
+    store.atomic_write_json(run_path / "summary.json", summary)
+    tracker.summary(summary)
+    return summary
+
+
+def _privacy_record(method, privacy, eps) -> dict:
+    if privacy is None:
+        return {"privacy/epsilon": float("inf")}
+    return {"privacy/epsilon": eps, "privacy/sigma": method.noise_multiplier(), "privacy/clip_norm": privacy.clip_norm,
+            "privacy/sample_rate": privacy.sample_rate}
+
+
+def _summary(cfg, prep: Prepared, method, evals, primary, wall, accountant) -> dict:
+    final = evals[-1] if evals else {}
+    best = max((e[primary] for e in evals), default=None)
+    target = cfg.task.get("target")
+    summary = {
+        "run_id": prep.spec.run_id,
+        "slug": prep.spec.slug,
+        "method": method.name,
+        "model": cfg.model.name,
+        "task": cfg.task.name,
+        "metric": primary,
+        "final": final.get(primary),
+        "best": best,
+        "final_metrics": {k: v for k, v in final.items() if k != "step"},
+        "target": target,
+        "steps": prep.steps,
+        "wall_time_s": wall,
+    }
+    for pct in (90, 95):
+        summary[f"steps_to_{pct}"] = (steps_to(evals, primary, pct / 100 * float(target))
+                                      if target is not None else None)
+    summary["privacy"] = ledger(cfg, prep, method, accountant)
+    summary["epsilon"] = summary["privacy"]["epsilon"]
+    return summary
+
+
+def ledger(cfg, prep: Prepared, method, accountant) -> dict:
+    """Everything needed to re-derive the guarantee: σ, C, q, steps, sampling, accountant, δ, ε —
+    and ε recomputed by an independent accountant (dp_accounting)."""
+    if not method.private:
+        return {"private": False, "epsilon": float("inf"), "sampling": "shuffle"}
+    eps = acct.epsilon_of(accountant, prep.delta)
+    history = [tuple(h) for h in accountant.history]
+    try:
+        eps_ind = acct.independent_epsilon(history, prep.delta, cfg.privacy.accountant)
+    except Exception as e:  # never lose a finished run to the cross-check
+        log.warning("independent accountant failed: %s", e)
+        eps_ind = None
+    disagree = None if eps_ind is None or eps == 0 else abs(eps - eps_ind) / eps
+    return {
+        "private": True,
+        "epsilon": eps,
+        "epsilon_target": None if cfg.privacy.noise_multiplier is not None else float(cfg.privacy.epsilon),
+        "delta": prep.delta,
+        "sigma": method.noise_multiplier(),
+        "clip_norm": float(cfg.privacy.clip_norm),
+        "sensitivity": method.sensitivity(),
+        "sample_rate": prep.sample_rate,
+        "expected_batch_size": prep.sample_rate * len(prep.train_enc),
+        "dataset_size": len(prep.train_enc),
+        "steps": sum(int(h[2]) for h in history),
+        "sampling": "poisson",
+        "accountant": cfg.privacy.accountant,
+        "history": [list(h) for h in history],
+        "epsilon_independent": eps_ind,
+        "independent_accountant": "dp_accounting." + ("rdp" if cfg.privacy.accountant == "rdp" else "pld"),
+        "accountants_disagree": None if disagree is None else bool(disagree > 0.01),
+        "noise_generator": "torch.Generator (not cryptographically secure)",
+    }
+
+
+def meta(prep: Prepared, status: str, **extra) -> dict:
+    dev = prep.device
+    return {
+        "run_id": prep.spec.run_id,
+        "slug": prep.spec.slug,
+        "status": status,
+        "versions": _versions(),
+        "git_sha": _git_sha(),
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "device": str(dev) + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else ""),
+        "pid": os.getpid(),
+        "argv": sys.argv,
+        "data_source": prep.data.source,
+        "time_start": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **extra,
+    }
+
+
+def config_yaml(spec: RunSpec) -> str:
+    return OmegaConf.to_yaml(spec.cfg, resolve=True)

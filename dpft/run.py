@@ -1,0 +1,81 @@
+"""Run one composed config into the store: skip finished ids, prepare before writing, record
+status (running → done | failed | interrupted), always finish the tracker."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from dpft import store
+from dpft.config import RunSpec
+from dpft.errors import DpftError
+
+log = logging.getLogger("dpft")
+
+
+class AlreadyDone(Exception):
+    def __init__(self, path: Path):
+        super().__init__(str(path))
+        self.path = path
+
+
+def _archive_previous(path: Path) -> None:
+    """A failed/interrupted attempt is kept under attempts/<k>/, never overwritten."""
+    if not path.exists() or not any(p for p in path.iterdir() if p.name != "attempts"):
+        return
+    k = 1
+    while (path / "attempts" / str(k)).exists():
+        k += 1
+    dest = path / "attempts" / str(k)
+    dest.mkdir(parents=True)
+    for item in list(path.iterdir()):
+        if item.name != "attempts":
+            shutil.move(str(item), dest / item.name)
+
+
+def train_spec(spec: RunSpec, force: bool = False) -> dict:
+    from dpft.engine import train as engine
+    from dpft.tracking import Progress, make_tracker
+
+    cfg = spec.cfg
+    path = store.run_dir(cfg.paths.output_dir, spec.run_id)
+    if store.run_status(path) == "done" and not force:
+        raise AlreadyDone(path)
+    prep = engine.prepare(spec)  # bad input fails here, before anything is written
+
+    _archive_previous(path)
+    path.mkdir(parents=True, exist_ok=True)
+    store.atomic_write_text(path / "config.yaml", engine.config_yaml(spec))
+    store.atomic_write_text(path / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(spec.overrides))))
+    meta = engine.meta(prep, "running", overrides=list(spec.overrides), choices=spec.choices)
+    store.atomic_write_json(path / "meta.json", meta)
+    tracker = make_tracker(cfg, path, OmegaConf.to_container(cfg, resolve=True), spec.slug, spec.run_id)
+    meta["wandb_run_id"] = tracker.run_id
+    store.atomic_write_json(path / "meta.json", meta)
+    progress = Progress(str(cfg.runtime.progress), prep.steps, spec.slug)
+    status, exit_code = "failed", 1
+    try:
+        summary = engine.run(prep, path, tracker, progress)
+        status, exit_code = "done", 0
+        return summary
+    except KeyboardInterrupt:
+        status, exit_code = "interrupted", 130
+        raise
+    except DpftError as e:
+        meta["error"] = str(e)
+        raise
+    except Exception as e:
+        meta["error"] = f"{type(e).__name__}: {' '.join(str(e).split())[:500]}"
+        raise
+    finally:
+        progress.close()
+        try:
+            tracker.finish(exit_code)
+        except Exception as e:  # pragma: no cover - tracker trouble never masks the run's status
+            log.warning("W&B finish failed: %s", e)
+        meta.update(status=status, time_end=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        store.atomic_write_json(path / "meta.json", meta)
