@@ -117,6 +117,188 @@ def show(overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HE
     else:
         typer.echo(text)
 
+def _overrides_and_paths(tokens: list[str]) -> tuple[list[str], str | None]:
+    """Split `paths.output_dir=DIR` (where the store lives) from the other overrides."""
+    out, other = None, []
+    for tok in tokens:
+        if tok.startswith("paths.output_dir="):
+            out = tok.split("=", 1)[1]
+        else:
+            other.append(tok)
+    return other, out
+
+
+def _list_sweeps_table(console) -> None:
+    from rich.table import Table
+
+    from dpft.sweep import list_sweeps
+
+    from dpft.sweep import PACKAGE_SWEEPS
+
+    table = Table(title="sweeps: dpft sweep NAME \\[overrides], dpft report NAME", title_justify="left")
+    table.add_column("name", style="cyan", no_wrap=True)
+    table.add_column("what")
+    for name, path in list_sweeps().items():
+        para = []  # the first comment paragraph that is not a command line, up to its first sentence
+        for line in path.read_text(encoding="utf-8").splitlines():
+            text = line.lstrip("#").strip()
+            if not line.startswith("#") or (not text and para):
+                break
+            if text and not text.startswith("dpft "):
+                para.append(text)
+        first = " ".join(para).split(". ")[0].rstrip(".")
+        where = "" if path.resolve().parent == PACKAGE_SWEEPS else f"  ({path})"
+        table.add_row(name, first + where)
+    console.print(table)
+
+
+@app.command(name="sweep")
+@cli_errors
+def sweep_cmd(
+    name: Optional[str] = typer.Argument(None, help="Sweep name (see `dpft sweep` for the list) or path to a sweep .yaml.",
+                                         show_default=False),
+    overrides: Optional[List[str]] = typer.Argument(None, help="Overrides that replace or narrow the sweep's axes "
+                                                    "(e.g. seed=0, task=sst2,qnli, paths.output_dir=DIR).",
+                                                    show_default=False),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Write and show the plan, run nothing."),
+    executor: str = typer.Option("local", "--executor", "-e", help="local | inline | slurm | submitit-local"),
+    workers: Optional[int] = typer.Option(None, "--workers", "-j", help="Parallel jobs (local: default one per "
+                                          "GPU, else 1; slurm: array parallelism)."),
+    force: bool = typer.Option(False, "--force", help="Re-run every job, finished ones included."),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="Re-run jobs that failed before."),
+    fail_fast: bool = typer.Option(False, "--fail-fast", help="Stop everything at the first failed job."),
+    submitit: Optional[List[str]] = typer.Option(None, "--submitit", help="submitit parameter KEY=VALUE, repeatable "
+                                                 "(e.g. slurm_partition=gpu timeout_min=240 slurm_setup=[...])."),
+) -> None:
+    """Run a paper table: expand NAME's grid, write the plan, run the missing jobs (resumable)."""
+    from rich.console import Console
+
+    console = Console()
+    if not name:
+        _list_sweeps_table(console)
+        return
+    import yaml
+
+    from dpft.launch import EXECUTORS, make_executor, run_plan
+    from dpft.sweep import load_sweep, make_plan, write_plan
+
+    if executor not in EXECUTORS:
+        raise DpftError(f"unknown executor '{executor}'; choose one of {', '.join(EXECUTORS)}")
+    if workers is not None and workers < 1:
+        raise DpftError("--workers must be >= 1")
+    params = {}
+    for item in submitit or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise DpftError(f"--submitit expects KEY=VALUE, got '{item}'")
+        params[key] = yaml.safe_load(value)
+    sweep = load_sweep(name)
+    with console.status(f"composing the jobs of {sweep.name}…"):
+        plan = make_plan(sweep, overrides or [])
+    plan_path = write_plan(plan, sweep)
+    _show_plan(console, plan, plan_path)
+    if dry_run:
+        return
+    _setup_logging()
+    ex = make_executor(executor, plan, force, workers, params)
+    if hasattr(ex, "describe"):
+        console.print(ex.describe(), highlight=False)
+    result = run_plan(plan, ex, force=force, retry_failed=retry_failed, fail_fast=fail_fast, console=console)
+    from dpft.launch import counts
+
+    c = counts(result.tasks)
+    console.print("sweep " + plan.name + ": " + ", ".join(f"{v} {k}" for k, v in sorted(c.items())), highlight=False)
+    for t in result.failed:
+        console.print(f"  failed {t.job.run_id} {t.job.describe()}: {t.note}", highlight=False, markup=False)
+    if result.interrupted:
+        _err("interrupted; run the same command again to resume")
+    elif result.failed:
+        _err(f"{len(result.failed)} job(s) failed" + ("" if retry_failed else "; re-run with --retry-failed"))
+    else:
+        console.print(f"report: dpft report {name}" + (f" paths.output_dir={plan.output_dir}"
+                      if str(plan.output_dir) != "outputs" else ""), highlight=False)
+    if result.exit_code:
+        raise typer.Exit(result.exit_code)
+
+
+def _show_plan(console, plan, plan_path) -> None:
+    from rich.table import Table
+
+    from dpft.sweep import job_state
+
+    states = [job_state(plan.output_dir, j.run_id) for j in plan.jobs]
+    summary = {}
+    for s in states:
+        summary[s] = summary.get(s, 0) + 1
+    dup = f", {plan.duplicates} grid points share a config" if plan.duplicates else ""
+    common = [o for o in plan.jobs[0].overrides if all(o in j.overrides for j in plan.jobs)]
+    table = Table(title=f"plan {plan.name}: {len(plan.jobs)} jobs{dup}  → {plan_path}", title_justify="left",
+                  caption="every job: dpft train " + " ".join(common), caption_justify="left")
+    for col in ("#", "run id", "state", "job"):
+        table.add_column(col, overflow="fold")
+    for i, (job, st) in enumerate(zip(plan.jobs, states), 1):
+        rest = [o for o in job.overrides if o not in common]
+        table.add_row(str(i), job.run_id, st, " ".join(rest) or job.describe())
+    console.print(table)
+    console.print("states: " + ", ".join(f"{v} {k}" for k, v in sorted(summary.items())), highlight=False)
+
+
+@app.command(name="report")
+@cli_errors
+def report_cmd(
+    name: str = typer.Argument(..., help="Sweep name or path to a sweep .yaml."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="paths.output_dir=DIR to read another store; other "
+                                                    "overrides re-expand the grid instead of reading the saved plan.",
+                                                    show_default=False),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Where to write the report (default "
+                                      "<output_dir>/reports/<name>)."),
+    from_wandb: bool = typer.Option(False, "--from-wandb", help="First pull the plan's finished runs from W&B "
+                                    "into the local store (needs network and credentials)."),
+    wandb_project: Optional[str] = typer.Option(None, "--wandb-project", help="W&B project (default: the runs' "
+                                                "logger.wandb.project)."),
+    wandb_entity: Optional[str] = typer.Option(None, "--wandb-entity", help="W&B entity."),
+    plots: bool = typer.Option(True, "--plots/--no-plots", help="Also draw the PNG/PDF curves."),
+) -> None:
+    """Render a sweep's table (Markdown, LaTeX, CSV, terminal) and curves from the local run store."""
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from dpft import report as rp
+    from dpft.sweep import load_sweep, make_plan, plan_sweep_file, read_plan
+
+    console = Console()
+    grid_overrides, output_dir = _overrides_and_paths(overrides or [])
+    sweep, not_found = None, None
+    try:
+        sweep = load_sweep(name)
+    except DpftError as e:  # the saved plan (with its frozen copy of the file) may still be in the store
+        not_found = e
+    if output_dir is None:
+        from dpft.config import compose_run
+
+        output_dir = str(compose_run([]).cfg.paths.output_dir)
+    plan = None if grid_overrides else read_plan(output_dir, sweep.name if sweep else Path(name).stem)
+    if plan is None:
+        if sweep is None:
+            raise not_found
+        with console.status(f"expanding {sweep.name}…"):
+            plan = make_plan(sweep, [*grid_overrides, f"paths.output_dir={output_dir}"])
+    frozen = plan_sweep_file(plan) if sweep is None else None
+    block = sweep.report if sweep is not None else (frozen.report if frozen else {})
+    if from_wandb:
+        stats = rp.pull_from_wandb(plan, wandb_project, wandb_entity)
+        console.print("W&B: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in stats.items()), highlight=False)
+    out_dir = Path(out) if out else Path(output_dir) / "reports" / plan.name
+    rep = rp.render(plan, block, out_dir, plots=plots)
+    console.print(rp.rich_table(rep))
+    if rep.missing:
+        console.print(f"{len(rep.missing)} of {len(plan.jobs)} planned runs not finished: "
+                      + ", ".join(j.run_id for j in rep.missing[:10]) + (" …" if len(rep.missing) > 10 else ""),
+                      highlight=False)
+    for f in rep.files:
+        console.print(f"wrote {f}", highlight=False)
+
 
 def main() -> None:
     app()

@@ -1,0 +1,48 @@
+"""Bad input: exit 2, one clear line, no traceback, nothing written to the store."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import run_dirs
+
+CASES = {
+    "unknown method": (["method=nope"], "unknown method 'nope'; valid choices:"),
+    "unknown model": (["model=gpt9"], "unknown model 'gpt9'"),
+    "unknown task": (["task=squad"], "unknown task 'squad'"),
+    "epsilon zero": (["privacy.epsilon=0"], "privacy.epsilon must be > 0"),
+    "epsilon negative": (["privacy.epsilon=-1"], "privacy.epsilon must be > 0"),
+    "epsilon not a number": (["privacy.epsilon=abc"], "privacy.epsilon must be a number"),
+    "delta one": (["privacy.delta=1"], "privacy.delta must be in (0, 1)"),
+    "delta zero": (["privacy.delta=0"], "privacy.delta must be in (0, 1)"),
+    "clip zero": (["privacy.clip_norm=0"], "privacy.clip_norm (C) must be > 0"),
+    "bad accountant": (["privacy.accountant=gdp"], "privacy.accountant must be rdp or prv"),
+    "non-poisson sampling": (["privacy.sampling=shuffle"], "Poisson"),
+    "batch larger than data": (["train.batch_size=100000"], "larger than the training set"),
+    "missing data dir": (["task=sst2", "task.data_dir=/no/such/dir"], "does not exist"),
+    "malformed override": (["privacy.epsilon"], "malformed override"),
+    "bad override syntax": (["privacy.epsilon=[1,"], "malformed override"),
+    "unknown key": (["privacy.epsilonn=3"], "bad override"),
+    "bad grad sample mode": (["engine.grad_sample_mode=magic"], "grad_sample_mode"),
+    "hub model offline": (["model=roberta-base"], "not available offline"),
+    "hub task offline": (["task=sst2"], "task.data_dir"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_is_one_line_exit_2(dpft, name):
+    args, expected = CASES[name]
+    r = dpft("train", "debug=tiny", *args)
+    assert r.exit_code == 2, (r.stdout, r.stderr, r.exception)
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert expected in lines[0], lines[0]
+    assert "Traceback" not in r.stderr + r.stdout
+    assert run_dirs(dpft.output_dir) == []
+
+
+def test_unknown_flag_is_rejected_not_passed_to_hydra(dpft):
+    r = dpft("train", "--epsilon", "3")
+    assert r.exit_code == 2
+    assert "No such option" in r.stderr and "Traceback" not in r.stderr
+    assert run_dirs(dpft.output_dir) == []
