@@ -106,3 +106,26 @@ def model_inputs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
         tt = token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids)
         inputs["token_type_ids"] = tt.contiguous()
     return inputs
+
+
+def apply_peft(model: nn.Module, model_cfg) -> nn.Module:
+    """Parameter-efficient fine-tuning (``model.peft=lora``). Must run after ``model.to(device)``:
+    wrapping first and moving later silently corrupts LoRA updates under Opacus (Opacus #820)."""
+    kind = model_cfg.get("peft")
+    if not kind:
+        return model
+    if kind != "lora":
+        raise DpftError(f"model.peft must be null or lora, got {kind!r}")
+    try:
+        from peft import LoraConfig, TaskType, get_peft_model
+    except ImportError:
+        raise DpftError("model.peft=lora needs the peft package (pip install peft)") from None
+    lc = model_cfg.lora
+    targets = list(lc.target_modules)
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [t for t in targets if t not in names]
+    if missing:
+        raise DpftError(f"model.lora.target_modules {missing} not found in {model_cfg.name}")
+    config = LoraConfig(task_type=TaskType.SEQ_CLS, r=int(lc.r), lora_alpha=float(lc.alpha),
+                        lora_dropout=float(lc.dropout), target_modules=targets)
+    return get_peft_model(model, config)

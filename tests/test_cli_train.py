@@ -118,3 +118,22 @@ def test_help_does_not_import_heavy_libraries():
             " if m in sys.modules]; print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_lora_trains_adapters_and_they_move(dpft):
+    r = dpft("train", *TINY, "model.peft=lora", "train.steps=2")
+    assert r.exit_code == 0, r.stderr
+    metrics, summary, _ = read_run(run_dirs(dpft.output_dir)[0])
+    assert metrics[0]["train/moved_frac"] == 1.0  # every trainable (adapter/head) tensor moved
+    assert summary["privacy"]["epsilon"] <= 8.0
+
+
+def test_update_that_moves_nothing_is_refused(dpft, monkeypatch):
+    import torch
+
+    # the update never reaches the weights (what Opacus #820 did to LoRA silently)
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: None)
+    r = dpft("train", *TINY, "train.steps=2")
+    assert r.exit_code == 2 and "changed no trainable weight" in r.stderr
+    meta = json.loads((run_dirs(dpft.output_dir)[0] / "meta.json").read_text())
+    assert meta["status"] == "failed"

@@ -95,7 +95,7 @@ def plan_steps(cfg, sample_rate: float) -> int:
 
 
 def prepare(spec: RunSpec) -> Prepared:
-    from dpft.models import load_classifier, load_tokenizer
+    from dpft.models import apply_peft, load_classifier, load_tokenizer
 
     cfg = spec.cfg
     if cfg.runtime.num_threads:
@@ -119,6 +119,7 @@ def prepare(spec: RunSpec) -> Prepared:
     eval_enc = encode(tokenizer, data.eval, int(cfg.task.max_length))
     model = load_classifier(cfg.model, len(data.labels), int(cfg.seed))
     model.to(device)  # before any wrapping (Opacus #820: moving after PEFT/hooks corrupts updates)
+    model = apply_peft(model, cfg.model)
     return Prepared(spec, data, train_enc, eval_enc, model, method, device, steps, q, delta, sigma)
 
 
@@ -256,6 +257,8 @@ def run(prep: Prepared, run_path: Path, tracker, progress) -> dict:
         for step in range(1, prep.steps + 1):
             idx = next(batches)
             chunks = _chunks(prep.train_enc, idx, pbs, device)
+            if step == 1:
+                before = {n: float(p.detach().double().sum()) for n, p in params.items()}
             ts = time.perf_counter()
             if method.private:
                 stats = dp_step(model=model, chunks=chunks, method=method, params=params, optimizer=optimizer,
@@ -267,6 +270,8 @@ def run(prep: Prepared, run_path: Path, tracker, progress) -> dict:
             schedule.step()
             step_time = time.perf_counter() - ts
             record = {"step": step, "lr": schedule.get_last_lr()[0], "step_time": step_time}
+            if step == 1:
+                record["train/moved_frac"] = _check_moved(before, params)
             record.update({f"train/{k}" if not k.startswith("layer/") else k: v for k, v in stats.items()})
             diag = method.diagnostics()
             record.update({f"method/{k}": v for k, v in diag.items()})
@@ -294,6 +299,16 @@ def run(prep: Prepared, run_path: Path, tracker, progress) -> dict:
     store.atomic_write_json(run_path / "summary.json", summary)
     tracker.summary(summary)
     return summary
+
+
+def _check_moved(before: dict, params: dict) -> float:
+    """Fraction of trainable tensors the first step changed. Zero means the update never reached
+    the weights (e.g. LoRA wrapped before the device move, Opacus #820): stop rather than train
+    nothing while spending privacy."""
+    moved = sum(float(p.detach().double().sum()) != before[n] for n, p in params.items())
+    if moved == 0:
+        raise DpftError("the first optimizer step changed no trainable weight; refusing to continue")
+    return moved / max(len(params), 1)
 
 
 def _privacy_record(method, privacy, eps) -> dict:
