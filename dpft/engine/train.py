@@ -114,6 +114,13 @@ def prepare(spec: RunSpec) -> Prepared:
         delta = float(cfg.privacy.delta) if cfg.privacy.delta is not None else acct.default_delta(n)
         sigma = (float(cfg.privacy.noise_multiplier) if cfg.privacy.noise_multiplier is not None
                  else acct.calibrate_sigma(float(cfg.privacy.epsilon), delta, q, steps, cfg.privacy.accountant))
+        ceiling = cfg.privacy.get("max_epsilon")
+        if ceiling is not None:
+            planned = acct.make_accountant(cfg.privacy.accountant)
+            planned.history = [(sigma, q, steps)]
+            if acct.epsilon_of(planned, delta) > float(ceiling):
+                raise DpftError(f"the planned run spends ε={acct.epsilon_of(planned, delta):.3f} > "
+                                f"privacy.max_epsilon={ceiling}; refusing to train")
     tokenizer = load_tokenizer(cfg.model)
     train_enc = encode(tokenizer, data.train, int(cfg.task.max_length))
     eval_enc = encode(tokenizer, data.eval, int(cfg.task.max_length))
