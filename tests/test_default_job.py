@@ -1,0 +1,19 @@
+"""The README's first command on real MiniLM weights (slow: ~3 min on 2 CPU cores; `pytest -m slow`)."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import read_run, run_dirs
+
+
+@pytest.mark.slow
+def test_default_job_learns_under_dp(dpft):
+    r = dpft("train", "runtime.progress=none")
+    assert r.exit_code == 0, r.stderr
+    metrics, summary, meta = read_run(run_dirs(dpft.output_dir)[0])
+    assert summary["model"] == "minilm" and summary["method"] == "dpsgd"
+    assert 0.95 * 8 <= summary["privacy"]["epsilon"] <= 8.0
+    accs = [m["eval/accuracy"] for m in metrics if "eval/accuracy" in m]
+    assert accs[-1] > 0.7 > accs[0] - 0.1  # learns well above chance (0.5) under DP
+    assert summary["wall_time_s"] < 300
