@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import sys
 from typing import List, Optional
 
 import typer
@@ -131,9 +130,7 @@ def _overrides_and_paths(tokens: list[str]) -> tuple[list[str], str | None]:
 def _list_sweeps_table(console) -> None:
     from rich.table import Table
 
-    from dpft.sweep import list_sweeps
-
-    from dpft.sweep import PACKAGE_SWEEPS
+    from dpft.sweep import PACKAGE_SWEEPS, list_sweeps
 
     table = Table(title="sweeps: dpft sweep NAME \\[overrides], dpft report NAME", title_justify="left")
     table.add_column("name", style="cyan", no_wrap=True)
@@ -155,8 +152,8 @@ def _list_sweeps_table(console) -> None:
 @app.command(name="sweep")
 @cli_errors
 def sweep_cmd(
-    name: Optional[str] = typer.Argument(None, help="Sweep name (see `dpft sweep` for the list) or path to a sweep .yaml.",
-                                         show_default=False),
+    name: Optional[str] = typer.Argument(None, show_default=False,
+                                         help="Sweep name (see `dpft sweep` for the list) or path to a sweep .yaml."),
     overrides: Optional[List[str]] = typer.Argument(None, help="Overrides that replace or narrow the sweep's axes "
                                                     "(e.g. seed=0, task=sst2,qnli, paths.output_dir=DIR).",
                                                     show_default=False),
@@ -298,6 +295,49 @@ def report_cmd(
                       highlight=False)
     for f in rep.files:
         console.print(f"wrote {f}", highlight=False)
+
+
+@app.command()
+@cli_errors
+def bench(
+    overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
+    paths: str = typer.Option("nonprivate,dpsgd-hooks,dpsgd-ghost", help="Comma-separated: nonprivate, "
+                              "<method>-hooks, <method>-ghost (the method's extras are timed too)."),
+    batch: int = typer.Option(32, help="Logical batch size (fixed, not Poisson, for timing)."),
+    length: int = typer.Option(128, help="Sequence length."),
+    steps: int = typer.Option(5, help="Timed steps per path (median reported)."),
+    warmup: int = typer.Option(2, help="Untimed warm-up steps per path."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
+) -> None:
+    """Time non-private vs DP step paths side by side on this device; print ratios."""
+    import json as _json
+
+    from dpft.bench import bench as run_bench
+    from dpft.config import compose_run
+    from dpft.engine.train import resolve_device
+
+    _setup_logging()
+    spec = compose_run(overrides or [])
+    if batch < 1 or length < 1 or steps < 1 or warmup < 0:
+        raise DpftError("--batch, --length and --steps must be >= 1, --warmup >= 0")
+    device = resolve_device(str(spec.cfg.runtime.device))
+    out = run_bench(spec.cfg, [p.strip() for p in paths.split(",") if p.strip()], batch, length, steps, warmup, device)
+    if as_json:
+        typer.echo(_json.dumps(out, indent=2, sort_keys=True))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"dpft bench: {out['model']} B={batch} L={length} on {out['device']}",
+                  caption=f"memory: {out['memory']}")
+    for col in ("path", "step (ms)", "× non-private", "peak mem (MiB)", "× non-private", "extras"):
+        table.add_column(col, justify="right" if col != "path" else "left")
+    fmt = lambda v, f: "—" if v is None else format(v, f)  # noqa: E731
+    for name, r in out["paths"].items():
+        extras = ", ".join(f"{k}={100 * v:.2f}%" for k, v in r.items() if k.endswith("_frac"))
+        table.add_row(name, f"{1000 * r['step_s']:.1f}", fmt(r.get("time_ratio"), ".2f"),
+                      f"{r['peak_mem_bytes'] / 2**20:.0f}", fmt(r.get("mem_ratio"), ".2f"), extras)
+    Console().print(table)
 
 
 def main() -> None:

@@ -77,7 +77,9 @@ def _missing_config_message(e: Exception) -> str:
     text = str(e)
     m = re.search(r"Could not find '([^']+)'", text)
     missing = m.group(1) if m else None
-    options = [line.strip() for line in text.splitlines() if line.startswith("\t")]
+    # Hydra lists the options, then its search path (provider=..., path=...): keep the options
+    options = [line.strip() for line in text.splitlines()
+               if line.startswith("\t") and "provider=" not in line and "path=" not in line]
     if missing and "/" in missing:
         group, name = missing.rsplit("/", 1)
         group = group.lstrip("/")

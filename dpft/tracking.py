@@ -52,7 +52,7 @@ class WandbTracker(NullTracker):
 
         self._wandb = wandb
         w = logger_cfg.wandb
-        self.run = wandb.init(project=w.project, entity=w.entity, group=w.group, tags=list(w.tags or []),
+        self.run = wandb.init(project=w.project, entity=w.entity, group=w.group or os.environ.get("WANDB_RUN_GROUP"), tags=list(w.tags or []),
                               name=name, dir=str(run_dir), mode=mode, config=config,
                               settings=wandb.Settings(silent=True, console="off"),
                               reinit="finish_previous")

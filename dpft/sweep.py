@@ -1,0 +1,354 @@
+"""Sweep files → a frozen plan of jobs.
+
+A sweep file (``dpft/sweeps/<name>.yaml``, format documented in ``dpft/sweeps/kappa.yaml``) is a
+list of fixed Hydra overrides, a grid of axes in Hydra's sweep grammar and a ``report`` block. It
+is deliberately *not* composed into the run config: every job is just an override list, so a job
+is exactly ``dpft train <overrides>`` and has the same run id as that command, and the report
+block can never leak into (and change) the hashed config.
+
+``make_plan`` expands the grid with Hydra's own parser and ``BasicSweeper.split_arguments`` (so
+``a=1,2``, ``range()``, ``choice()`` and ``glob()`` mean what they mean in Hydra, and command-line
+overrides replace or narrow file axes key by key, as in ``--multirun``), composes every job
+through ``compose_run`` (a malformed grid or a bad value fails here, before any job runs), and
+records one resolved config per job in ``<output_dir>/sweeps/<name>/plan.jsonl``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import yaml
+
+from dpft.errors import DpftError
+
+PACKAGE_SWEEPS = Path(__file__).resolve().parent / "sweeps"
+SWEEP_KEYS = ("overrides", "grid", "report")
+
+
+# --------------------------------------------------------------------------- sweep files
+
+
+@dataclass
+class SweepFile:
+    name: str
+    path: Path
+    overrides: list[str]
+    grid: dict[str, str]
+    report: dict
+    text: str
+
+
+def _search_dirs() -> list[Path]:
+    # ./sweeps first so a project can add (or shadow) tables without touching the package; in this
+    # repository ./sweeps is a symlink to the packaged folder, so both resolve to the same files.
+    dirs = [Path.cwd() / "sweeps", PACKAGE_SWEEPS]
+    extra = os.environ.get("DPFT_SWEEPS_PATH")
+    if extra:
+        dirs = [Path(p) for p in extra.split(os.pathsep) if p] + dirs
+    return dirs
+
+
+def list_sweeps() -> dict[str, Path]:
+    """name → file, first match wins along the search path."""
+    found: dict[str, Path] = {}
+    for d in _search_dirs():
+        if d.is_dir():
+            for p in sorted(d.glob("*.yaml")):
+                found.setdefault(p.stem, p)
+    return dict(sorted(found.items()))
+
+
+def find_sweep(name: str) -> Path:
+    p = Path(name).expanduser()
+    if name.endswith((".yaml", ".yml")) or os.sep in name:
+        if p.is_file():
+            return p.resolve()
+        if os.sep in name:
+            raise DpftError(f"sweep file {name} not found")
+        name = p.stem  # `dpft sweep kappa.yaml` from anywhere means the sweep named kappa
+    sweeps = list_sweeps()
+    if name in sweeps:
+        return sweeps[name]
+    available = ", ".join(sweeps) or "(none)"
+    raise DpftError(f"unknown sweep '{name}'; available sweeps: {available} (or pass a path to a .yaml file)")
+
+
+def _grid_value(key: str, value: Any) -> str:
+    if isinstance(value, (list, tuple, dict)):
+        raise DpftError(
+            f"grid.{key}: write the axis in Hydra's sweep grammar (e.g. `{key}: 3,8` or `range(0,3)`); "
+            "a YAML list or mapping is ambiguous with a list value"
+        )
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        # `grid: {seed: 0,1}` is YAML for {seed: 0, 1: null}: flow mappings split at commas
+        raise DpftError(f"grid.{key} has no value; in a {{flow: mapping}} YAML splits `a: 1,2` at the comma: "
+                        "write the grid in block style (one `key: 1,2` per line) or quote the value")
+    return str(value)
+
+
+def parse_sweep_text(text: str, name: str, path: Path) -> SweepFile:
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise DpftError(f"sweep {name}: invalid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(data, dict):
+        raise DpftError(f"sweep {name}: expected a mapping with keys {', '.join(SWEEP_KEYS)}")
+    unknown = sorted(set(data) - set(SWEEP_KEYS))
+    if unknown:
+        raise DpftError(f"sweep {name}: unknown top-level key(s) {', '.join(unknown)}; "
+                        f"allowed: {', '.join(SWEEP_KEYS)}")
+    overrides = data.get("overrides") or []
+    if not isinstance(overrides, list) or not all(isinstance(o, (str, int, float, bool)) for o in overrides):
+        raise DpftError(f"sweep {name}: 'overrides' must be a list of Hydra overrides (key=value strings)")
+    grid = data.get("grid") or {}
+    if not isinstance(grid, dict):
+        raise DpftError(f"sweep {name}: 'grid' must map override keys to sweeps, e.g. `seed: range(0,3)`")
+    report = data.get("report") or {}
+    if not isinstance(report, dict):
+        raise DpftError(f"sweep {name}: 'report' must be a mapping")
+    return SweepFile(name=name, path=path, overrides=[str(o) for o in overrides],
+                     grid={str(k): _grid_value(str(k), v) for k, v in grid.items()}, report=report, text=text)
+
+
+def load_sweep(name: str) -> SweepFile:
+    path = find_sweep(name)
+    return parse_sweep_text(path.read_text(encoding="utf-8"), path.stem, path)
+
+
+# --------------------------------------------------------------------------- grid expansion
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split("See https://hydra.cc")[0].split())
+
+
+def expand(sweep: SweepFile, cli_overrides: Iterable[str] = ()) -> tuple[list[list[str]], list[str]]:
+    """Cartesian product of file overrides, grid and CLI overrides (later sources replace earlier
+    ones key by key, keeping the axis' position). Returns (override lists, swept keys)."""
+    from hydra import initialize_config_dir
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    from dpft.config import CONF_DIR
+
+    cli = [str(o) for o in cli_overrides]
+    for tok in cli:
+        if tok.startswith("-"):
+            raise DpftError(f"unknown option '{tok}'; Hydra overrides look like key=value, +key=value, ~key")
+    sources = [("overrides", o) for o in sweep.overrides]
+    sources += [(f"grid.{k}", f"{k}={v}") for k, v in sweep.grid.items()]
+    sources += [("command line", o) for o in cli]
+
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        # glob() lists a config group's options, which needs the loader of dpft's config tree
+        parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+        parsed = []
+        for where, line in sources:
+            try:
+                parsed.extend(parser.parse_overrides([line]))
+            except HydraException as e:
+                raise DpftError(f"sweep {sweep.name}: malformed {where} '{line}': {_one_line(e)}") from None
+        # The same key-by-key merge split_arguments does, to know which keys are still axes
+        # after the command line narrowed or replaced them.
+        merged: dict[str, Any] = {}
+        for o in parsed:
+            merged[o.get_key_element()] = o
+        try:
+            [jobs] = BasicSweeper.split_arguments(parsed, max_batch_size=None)
+            axes = [k for k, o in merged.items() if o.is_sweep_override() and len(list(o.sweep_string_iterator())) > 1]
+        except HydraException as e:
+            raise DpftError(f"sweep {sweep.name}: {_one_line(e)} "
+                            "(only discrete sweeps: a,b  range()  choice()  glob())") from None
+    GlobalHydra.instance().clear()
+    # split_arguments rebuilds non-sweep overrides as key=value, which turns `~key` into
+    # `~key=null` (a different override); put the user's spelling back.
+    restore = {f"{o.get_key_element()}={o.get_value_element_as_str()}": o.input_line
+               for o in parsed if not o.is_sweep_override() and o.is_delete()}
+    jobs = [[restore.get(x, x) for x in job] for job in jobs]
+    if not jobs:
+        raise DpftError(f"sweep {sweep.name}: the grid is empty")
+    return jobs, axes
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class Job:
+    run_id: str
+    slug: str
+    overrides: list[str]
+    axes: dict[str, str]
+    choices: dict[str, Any]
+    config: dict
+    wandb: dict = field(default_factory=dict)
+
+    def describe(self) -> str:
+        return " ".join(f"{k.lstrip('+~')}={v}" for k, v in self.axes.items()) or self.slug
+
+
+@dataclass
+class Plan:
+    name: str
+    jobs: list[Job]
+    output_dir: Path
+    source: str = ""
+    cli_overrides: list[str] = field(default_factory=list)
+    grid_points: int = 0
+
+    @property
+    def sweep_dir(self) -> Path:
+        return sweep_dir(self.output_dir, self.name)
+
+    @property
+    def duplicates(self) -> int:
+        return self.grid_points - len(self.jobs)
+
+
+def sweep_dir(output_dir: str | os.PathLike, name: str) -> Path:
+    return Path(output_dir) / "sweeps" / name
+
+
+def _axis_values(job: list[str], axes: list[str]) -> dict[str, str]:
+    out = {}
+    for item in job:
+        key, _, value = item.partition("=")
+        if key in axes:
+            out[key] = value
+    return out
+
+
+def make_plan(sweep: SweepFile, cli_overrides: Iterable[str] = (),
+              on_progress: Callable[[int, int], None] | None = None) -> Plan:
+    """Expand and compose every job; identical configs (same run id) collapse into one job."""
+    from dpft.config import compose_run, semantic_config
+    from omegaconf import OmegaConf
+
+    cli = list(cli_overrides)
+    points, axes = expand(sweep, cli)
+    jobs: dict[str, Job] = {}
+    output_dirs = set()
+    for i, overrides in enumerate(points):
+        if on_progress:
+            on_progress(i, len(points))
+        axis_values = _axis_values(overrides, axes)
+        try:
+            spec = compose_run(overrides)
+        except DpftError as e:
+            where = " ".join(f"{k}={v}" for k, v in axis_values.items())
+            at = f" ({where})" if where else ""
+            raise DpftError(f"sweep {sweep.name}: job {i + 1}/{len(points)}{at}: {e}") from None
+        output_dirs.add(str(spec.cfg.paths.output_dir))
+        if spec.run_id in jobs:
+            continue
+        w = OmegaConf.select(spec.cfg, "logger.wandb")
+        jobs[spec.run_id] = Job(
+            run_id=spec.run_id, slug=spec.slug, overrides=list(spec.overrides), axes=axis_values,
+            choices=dict(sorted(spec.choices.items())), config=semantic_config(spec.cfg),
+            wandb={"project": w.project, "entity": w.entity} if w is not None else {},
+        )
+    if len(output_dirs) != 1:
+        raise DpftError(f"sweep {sweep.name}: every job must write to one paths.output_dir, got {sorted(output_dirs)}")
+    return Plan(name=sweep.name, jobs=list(jobs.values()), output_dir=Path(output_dirs.pop()),
+                source=str(sweep.path), cli_overrides=cli, grid_points=len(points))
+
+
+def write_plan(plan: Plan, sweep: SweepFile) -> Path:
+    """plan.jsonl (one resolved job per line) and a copy of the sweep file, so the plan can be
+    reported on later even if the file changes or lives elsewhere."""
+    from dpft import store
+
+    d = plan.sweep_dir
+    lines = [json.dumps(store._jsonable(asdict(j)), sort_keys=True) for j in plan.jobs]
+    store.atomic_write_text(d / "plan.jsonl", "\n".join(lines) + "\n")
+    store.atomic_write_text(d / "sweep.yaml", sweep.text)
+    store.atomic_write_json(d / "sweep.json", {
+        "name": plan.name, "source": plan.source, "cli_overrides": plan.cli_overrides,
+        "sha256": hashlib.sha256(sweep.text.encode()).hexdigest(), "jobs": len(plan.jobs),
+        "grid_points": plan.grid_points,
+    })
+    return d / "plan.jsonl"
+
+
+def read_plan(output_dir: str | os.PathLike, name: str) -> Plan | None:
+    from dpft import store
+
+    d = sweep_dir(output_dir, name)
+    path = d / "plan.jsonl"
+    if not path.is_file():
+        return None
+    jobs = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            jobs.append(Job(**json.loads(line)))
+        except (json.JSONDecodeError, TypeError) as e:
+            raise DpftError(f"{path}:{n}: not a plan line ({e}); "
+                            f"re-create it with `dpft sweep {name} --dry-run`") from None
+    info = store.read_json(d / "sweep.json") or {}
+    return Plan(name=name, jobs=jobs, output_dir=Path(output_dir), source=info.get("source", ""),
+                cli_overrides=info.get("cli_overrides", []), grid_points=info.get("grid_points", len(jobs)))
+
+
+def plan_sweep_file(plan: Plan) -> SweepFile | None:
+    """The frozen copy of the sweep file written next to the plan."""
+    p = plan.sweep_dir / "sweep.yaml"
+    if not p.is_file():
+        return None
+    return parse_sweep_text(p.read_text(encoding="utf-8"), plan.name, p)
+
+
+# --------------------------------------------------------------------------- job states
+
+
+def job_state(output_dir: str | os.PathLike, run_id: str) -> str:
+    """missing | done | failed | interrupted | running (alive) | stale (a dead 'running')."""
+    from dpft import store
+
+    path = store.run_dir(output_dir, run_id)
+    status = store.run_status(path)
+    if status is None:
+        return "missing"
+    if status == "running":
+        return "running" if run_alive(path) else "stale"
+    return status
+
+
+# A run on another host cannot be probed by pid; metrics.jsonl is appended every logged step, so a
+# run whose files have not changed for this long is taken to be dead (killed without cleanup).
+STALE_AFTER_S = 15 * 60
+
+
+def run_alive(path: Path) -> bool:
+    import socket
+    import time
+
+    from dpft import store
+
+    meta = store.read_json(Path(path) / "meta.json") or {}
+    pid, host = meta.get("pid"), meta.get("host")
+    if host == socket.gethostname() and isinstance(pid, int):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            # a recycled pid belongs to some other program
+            return b"dpft" in cmdline or b"submitit" in cmdline
+        except OSError:
+            try:
+                os.kill(pid, 0)
+                return True
+            except OSError:
+                return False
+    newest = max((p.stat().st_mtime for p in Path(path).glob("*") if p.is_file()), default=0)
+    return time.time() - newest < STALE_AFTER_S
