@@ -60,6 +60,7 @@ def _setup_logging() -> None:
 def train(
     overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
     force: bool = typer.Option(False, "--force", help="Re-run even if this config already finished."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint."),
 ) -> None:
     """Compose a config and train it (default: DP-SGD, MiniLM, embedded task, ε=8)."""
     _setup_logging()
@@ -68,7 +69,7 @@ def train(
 
     spec = compose_run(overrides or [])
     try:
-        summary = train_spec(spec, force=force)
+        summary = train_spec(spec, force=force, resume=resume)
     except AlreadyDone as e:
         typer.echo(f"{spec.slug} [{spec.run_id}] already done: {e.path} (use --force to re-run)")
         return

@@ -57,7 +57,7 @@ def run_job(overrides: list[str], run_id: str | None = None, force: bool = False
         return _failed(2, f"config for {' '.join(overrides)} now has run id {spec.run_id}, the plan says {run_id}; "
                           "configs changed since planning: re-run `dpft sweep` to re-plan")
     try:
-        train_spec(spec, force=force)
+        train_spec(spec, force=force, resume=True)  # re-entering a job continues its checkpoint
     except AlreadyDone:  # finished by a concurrent sweep in the meantime
         return 0, ""
     except KeyboardInterrupt:

@@ -37,7 +37,9 @@ def _archive_previous(path: Path) -> None:
             shutil.move(str(item), dest / item.name)
 
 
-def train_spec(spec: RunSpec, force: bool = False) -> dict:
+def train_spec(spec: RunSpec, force: bool = False, resume: bool = False) -> dict:
+    """Train `spec` into its run directory. With `resume`, an interrupted or crashed run continues
+    from its last checkpoint (same batches, noise and accountant history as if never stopped)."""
     from dpft.engine import train as engine
     from dpft.tracking import Progress, make_tracker
 
@@ -46,20 +48,29 @@ def train_spec(spec: RunSpec, force: bool = False) -> dict:
     if store.run_status(path) == "done" and not force:
         raise AlreadyDone(path)
     prep = engine.prepare(spec)  # bad input fails here, before anything is written
+    from dpft.engine import checkpoint as ckpt
 
-    _archive_previous(path)
-    path.mkdir(parents=True, exist_ok=True)
-    store.atomic_write_text(path / "config.yaml", engine.config_yaml(spec))
-    store.atomic_write_text(path / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(spec.overrides))))
+    state = None
+    if resume and not force and (path / ckpt.NAME).is_file():
+        state = ckpt.load(path / ckpt.NAME, spec.run_id)  # refuses a foreign or corrupt checkpoint
+    if state is None:
+        _archive_previous(path)
+        path.mkdir(parents=True, exist_ok=True)
+        store.atomic_write_text(path / "config.yaml", engine.config_yaml(spec))
+        store.atomic_write_text(path / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(spec.overrides))))
+    previous = store.read_json(path / "meta.json") or {}
     meta = engine.meta(prep, "running", overrides=list(spec.overrides), choices=spec.choices)
+    if state is not None:
+        meta["resumed"] = previous.get("resumed", []) + [int(state["step"])]
     store.atomic_write_json(path / "meta.json", meta)
-    tracker = make_tracker(cfg, path, OmegaConf.to_container(cfg, resolve=True), spec.slug, spec.run_id)
+    tracker = make_tracker(cfg, path, OmegaConf.to_container(cfg, resolve=True), spec.slug, spec.run_id,
+                           resume_id=previous.get("wandb_run_id") if state is not None else None)
     meta["wandb_run_id"] = tracker.run_id
     store.atomic_write_json(path / "meta.json", meta)
     progress = Progress(str(cfg.runtime.progress), prep.steps, spec.slug)
     status, exit_code = "failed", 1
     try:
-        summary = engine.run(prep, path, tracker, progress)
+        summary = engine.run(prep, path, tracker, progress, resume=state)
         status, exit_code = "done", 0
         return summary
     except KeyboardInterrupt:

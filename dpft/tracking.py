@@ -47,7 +47,8 @@ class NullTracker:
 class WandbTracker(NullTracker):
     """One W&B run per dpft run, living inside the run directory; always finished."""
 
-    def __init__(self, logger_cfg, run_dir: Path, config: dict, name: str, run_id: str, mode: str):
+    def __init__(self, logger_cfg, run_dir: Path, config: dict, name: str, run_id: str, mode: str,
+                 resume_id: str | None = None):
         import wandb
 
         self._wandb = wandb
@@ -55,7 +56,8 @@ class WandbTracker(NullTracker):
         self.run = wandb.init(project=w.project, entity=w.entity, group=w.group or os.environ.get("WANDB_RUN_GROUP"), tags=list(w.tags or []),
                               name=name, dir=str(run_dir), mode=mode, config=config,
                               settings=wandb.Settings(silent=True, console="off"),
-                              reinit="finish_previous")
+                              reinit="finish_previous",
+                              **({"id": resume_id, "resume": "allow"} if resume_id else {}))
         self.run.config.update({"dpft/run_id": run_id}, allow_val_change=True)
         self.run_id = self.run.id
 
@@ -72,12 +74,12 @@ class WandbTracker(NullTracker):
         self.run.finish(exit_code=exit_code)
 
 
-def make_tracker(cfg, run_dir: Path, config: dict, name: str, run_id: str):
+def make_tracker(cfg, run_dir: Path, config: dict, name: str, run_id: str, resume_id: str | None = None):
     mode = wandb_mode(cfg.logger)
     if mode == "disabled":
         return NullTracker()
     try:
-        return WandbTracker(cfg.logger, run_dir, config, name, run_id, mode)
+        return WandbTracker(cfg.logger, run_dir, config, name, run_id, mode, resume_id)
     except Exception as e:  # tracking must never cost a run
         log.warning("W&B disabled for this run: %s", " ".join(str(e).split())[:200])
         return NullTracker()

@@ -187,15 +187,6 @@ def _eval_steps(cfg, steps: int) -> set[int]:
     return out
 
 
-def _batches_nonprivate(n: int, bs: int, steps: int, gen: torch.Generator):
-    perm, pos = torch.randperm(n, generator=gen), 0
-    for _ in range(steps):
-        if pos + bs > n:
-            perm, pos = torch.randperm(n, generator=gen), 0
-        yield perm[pos:pos + bs].tolist()
-        pos += bs
-
-
 def _chunks(enc: Encoded, idx: list[int], size: int, device) -> list[Batch]:
     return [enc.batch(idx[i:i + size], device) for i in range(0, len(idx), size)]
 
@@ -216,8 +207,11 @@ def attach_hooks(model, mode: str, clip_norm: float):
                                                max_grad_norm=clip_norm, use_ghost_clipping=True)
 
 
-def run(prep: Prepared, run_path: Path, tracker, progress) -> dict:
-    """Train and write metrics.jsonl / summary.json into `run_path`. Returns the summary."""
+def run(prep: Prepared, run_path: Path, tracker, progress, resume: dict | None = None) -> dict:
+    """Train and write metrics.jsonl / summary.json into `run_path`. Returns the summary.
+    `resume` is a loaded checkpoint: training continues after its step with its exact state."""
+    from dpft.engine import checkpoint as ckpt
+
     cfg, method, model, device = prep.spec.cfg, prep.method, prep.model, prep.device
     torch.manual_seed(int(cfg.seed))
     model.train()
@@ -241,30 +235,58 @@ def run(prep: Prepared, run_path: Path, tracker, progress) -> dict:
             raise DpftError(f"method {method.name} does not support ghost clipping; use engine.grad_sample_mode=hooks")
         if abs(method.noise_multiplier() - prep.sigma) > 1e-9 * max(1.0, prep.sigma):
             raise DpftError(f"method {method.name} spends σ_eff={method.noise_multiplier()} but σ={prep.sigma} was calibrated")
-        hooks = attach_hooks(model, mode, privacy.clip_norm)
         accountant = acct.make_accountant(cfg.privacy.accountant)
-        from opacus.utils.uniform_sampler import UniformWithReplacementSampler
-
-        gen = torch.Generator().manual_seed(int(cfg.seed) + 1)
-        batches = iter(UniformWithReplacementSampler(num_samples=n, sample_rate=prep.sample_rate,
-                                                     generator=gen, steps=prep.steps))
+        batches = ckpt.PoissonBatches(n, prep.sample_rate, prep.steps, int(cfg.seed) + 1)
     else:
-        batches = _batches_nonprivate(n, int(cfg.train.batch_size), prep.steps,
-                                      torch.Generator().manual_seed(int(cfg.seed) + 1))
+        batches = ckpt.ShuffleBatches(n, int(cfg.train.batch_size), int(cfg.seed) + 1)
     noise_gen = torch.Generator(device=device).manual_seed(int(cfg.seed) + 2)
+    evals: list[dict] = []
+    start = 1
+    if resume is not None:
+        start = int(resume["step"]) + 1
+        with torch.no_grad():
+            for name, value in resume["model"].items():
+                params[name].copy_(value.to(device))
+        optimizer.load_state_dict(resume["optimizer"])
+        schedule.load_state_dict(resume["schedule"])
+        method.load_state_dict(resume["method"])
+        torch.set_rng_state(resume["rng"]["torch"])
+        noise_gen.set_state(resume["rng"]["noise"])
+        if accountant is not None:
+            accountant.history = [tuple(h) for h in resume["accountant_history"]]
+            batches.load_state_dict(resume["batches"], done=start - 1)
+        else:
+            batches.load_state_dict(resume["batches"])
+        evals = [dict(e) for e in resume["evals"]]
+        _truncate_metrics(run_path / "metrics.jsonl", start - 1)
+    if method.private:
+        hooks = attach_hooks(model, mode, privacy.clip_norm)
+
+    def save_checkpoint(step: int) -> None:
+        ckpt.save(run_path / ckpt.NAME, {
+            "run_id": prep.spec.run_id, "step": step,
+            "model": {k: v.detach().cpu() for k, v in params.items()},
+            "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+            "method": method.state_dict(), "batches": batches.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "noise": noise_gen.get_state()},
+            "accountant_history": [list(h) for h in accountant.history] if accountant is not None else [],
+            "evals": evals,
+            "wall_time_s": time.time() - t0 + (float(resume.get("wall_time_s", 0.0)) if resume else 0.0),
+        })
 
     metrics = store.MetricsWriter(run_path / "metrics.jsonl")
     eval_steps = _eval_steps(cfg, prep.steps)
     primary = str(cfg.task.metric)
-    evals: list[dict] = []
     t0 = time.time()
     pbs, log_every = int(cfg.runtime.physical_batch_size), max(1, int(cfg.train.log_every))
+    every = cfg.runtime.get("checkpoint_every")
     eps = 0.0
+    stop = _DeferredSignals()
     try:
-        for step in range(1, prep.steps + 1):
+        for step in range(start, prep.steps + 1):
             idx = next(batches)
             chunks = _chunks(prep.train_enc, idx, pbs, device)
-            if step == 1:
+            if step == start:
                 before = {n: float(p.detach().double().sum()) for n, p in params.items()}
             ts = time.perf_counter()
             if method.private:
@@ -277,7 +299,7 @@ def run(prep: Prepared, run_path: Path, tracker, progress) -> dict:
             schedule.step()
             step_time = time.perf_counter() - ts
             record = {"step": step, "lr": schedule.get_last_lr()[0], "step_time": step_time}
-            if step == 1:
+            if step == start:
                 record["train/moved_frac"] = _check_moved(before, params)
             record.update({f"train/{k}" if not k.startswith("layer/") else k: v for k, v in stats.items()})
             diag = method.diagnostics()
@@ -296,16 +318,63 @@ def run(prep: Prepared, run_path: Path, tracker, progress) -> dict:
                 metrics.write(record)
                 tracker.log(record, step)
             progress.update(step, record)
+            if stop.requested:  # SIGTERM/SIGINT: checkpoint at this step boundary, then stop
+                if step < prep.steps:
+                    save_checkpoint(step)
+                raise KeyboardInterrupt
+            if every and step % int(every) == 0 and step < prep.steps:
+                save_checkpoint(step)
     finally:
+        stop.restore()
         metrics.close()
         if hooks is not None:
             hooks.cleanup()
 
-    wall = time.time() - t0
+    wall = time.time() - t0 + (float(resume.get("wall_time_s", 0.0)) if resume else 0.0)
     summary = _summary(cfg, prep, method, evals, primary, wall, accountant)
+    if resume is not None:
+        summary["resumed_from_step"] = start - 1
     store.atomic_write_json(run_path / "summary.json", summary)
     tracker.summary(summary)
+    (run_path / ckpt.NAME).unlink(missing_ok=True)  # done: the summary and metrics are the record
     return summary
+
+
+class _DeferredSignals:
+    """SIGTERM/SIGINT set a flag that the loop honours at the next step boundary, so the
+    checkpoint is consistent; a second signal interrupts at once."""
+
+    def __init__(self):
+        import signal
+        import threading
+
+        self.requested = False
+        self._old = {}
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.getsignal(sig)
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self):
+        import signal
+
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Keep the records of steps ≤ last_step (written before the checkpoint); later ones are
+    recomputed identically after the resume."""
+    keep = [r for r in store.read_metrics(path) if int(r.get("step", 0)) <= last_step]
+    import json
+
+    store.atomic_write_text(path, "".join(json.dumps(store._jsonable(r), sort_keys=True) + "\n" for r in keep))
 
 
 def _check_moved(before: dict, params: dict) -> float:
