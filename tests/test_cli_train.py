@@ -137,3 +137,16 @@ def test_update_that_moves_nothing_is_refused(dpft, monkeypatch):
     assert r.exit_code == 2 and "changed no trainable weight" in r.stderr
     meta = json.loads((run_dirs(dpft.output_dir)[0] / "meta.json").read_text())
     assert meta["status"] == "failed"
+
+
+def test_wandb_key_never_lands_in_the_run_dir(dpft, monkeypatch):
+    secret = "dpft-test-secret-0123456789abcdef0123456789abcdef01"
+    monkeypatch.setenv("WANDB_API_KEY", secret)
+    monkeypatch.setenv("WANDB_MODE", "offline")  # credentials present, still no server contact
+    r = dpft("train", *TINY, "train.steps=2", "logger=auto")
+    assert r.exit_code == 0, r.stderr
+    (run,) = run_dirs(dpft.output_dir)
+    files = [p for p in run.rglob("*") if p.is_file()]
+    assert any("wandb" in str(p) for p in files)
+    for p in files:
+        assert secret.encode() not in p.read_bytes(), p
