@@ -36,6 +36,7 @@ class _RssPeak:
             return 0
 
     def __enter__(self):
+        _release_freed_memory()  # else a later path reuses the heap an earlier one grew and reads ~0
         self.base = self._rss()
         self.peak = self.base
         self._t = threading.Thread(target=self._run, daemon=True)
@@ -50,6 +51,17 @@ class _RssPeak:
     def __exit__(self, *exc):
         self._stop.set()
         self._t.join()
+
+
+def _release_freed_memory() -> None:
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back to the OS (glibc)
+    except (OSError, AttributeError):
+        pass
 
 
 def _batch(b: int, length: int, vocab: int, device, seed: int = 0) -> Batch:

@@ -65,6 +65,8 @@ def _clipped_sum_ghost(model, batch, method, params, clipped, hooks) -> tuple[Te
     losses = per_sample_loss(model, batch)
     losses.sum().backward(retain_graph=True)
     sq_norms = torch.stack([p._norm_sample.float().pow(2) for p in params.values()])
+    for p in params.values():  # per-sample quantities must not outlive the clipping (post-processing sees none)
+        p._norm_sample = None
     factors = method.clip_factors(sq_norms)
     if factors.dim() != 1:
         raise DpftError(f"method {method.name} needs per-parameter factors: use engine.grad_sample_mode=hooks")

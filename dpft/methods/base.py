@@ -105,7 +105,9 @@ class Method:
 
     # -- diagnostics -----------------------------------------------------------------------------
     def diagnostics(self) -> dict[str, float]:
-        """Scalars logged at every step (must not depend on non-private quantities)."""
+        """Scalars logged at every step. They go to the logs only and never feed back into training;
+        any that depend on non-private quantities (per-sample norms, the clipped sum) must say so in
+        their name or the method's docstring, since publishing them is outside the DP guarantee."""
         return {}
 
     def state_dict(self) -> dict:
