@@ -4,7 +4,10 @@ Each path gets a fresh copy of the same model and the same fixed batch (B × L r
 runs warm-up steps, then timed steps (CUDA-synchronised), and records the median step time and
 the peak memory of the step: CUDA `max_memory_allocated` on GPU; on CPU the peak resident set
 size above the pre-step baseline, sampled every millisecond from /proc (an approximation, stated
-as such in the output). Ratios are to the non-private path.
+as such in the output). Ratios are to the non-private path. A path is ``nonprivate`` or
+``<method>-hooks`` / ``<method>-ghost`` / ``<method>-bk`` (book-keeping; ``<method>`` alone = hooks), e.g. ``grape-hooks`` for
+DP-GRAPE's projected per-sample gradients next to ``dpsgd-hooks`` (Opacus DP-Adam) and
+``dpsgd-ghost`` (dpft's default DP path).
 """
 
 from __future__ import annotations
@@ -93,14 +96,16 @@ def bench(cfg, paths: list[str], batch_size: int, length: int, steps: int, warmu
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         hooks = method = None
         if path != "nonprivate":
-            mode = "ghost" if path.endswith("ghost") else "hooks"
+            mode = path.rsplit("-", 1)[1] if path.rsplit("-", 1)[-1] in ("hooks", "ghost", "bk") else "hooks"
             name = path.rsplit("-", 1)[0]
             mcfg = cfg if name == cfg.method.name else _with_method(cfg, name)
             method = build_method(mcfg)
             if not method.private:
                 raise DpftError(f"bench path {path}: method {name} is not private")
-            if mode == "ghost" and not method.supports_ghost:
+            if mode in ("ghost", "bk") and not method.supports_ghost:
                 continue
+            model = method.prepare_model(model)  # as in training (e.g. grape's projected layers)
+            params = {n: p for n, p in model.named_parameters() if p.requires_grad}
             method.setup(model, params, PrivacyParams(sigma=1.0, clip_norm=float(cfg.privacy.clip_norm),
                                                       sample_rate=0.01, expected_batch_size=float(batch_size),
                                                       steps=steps + warmup, delta=1e-5))

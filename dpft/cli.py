@@ -5,13 +5,37 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from typing import List, Optional
 
 import typer
 
 from dpft.errors import DpftError
 
+class _OneLineUsageErrors(typer.core.TyperGroup):
+    """Usage errors (unknown option, bad option value, missing argument) as one `error:` line on
+    stderr and exit 2, like every other bad input, instead of click's multi-line usage box."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        import sys
+
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.Abort:
+            _err("aborted")
+            sys.exit(1)
+        except typer.TyperException as e:  # typer's (vendored) click UsageError, BadParameter, ...
+            ctx = getattr(e, "ctx", None)
+            message = e.format_message() if hasattr(e, "format_message") else str(e)
+            _err(" ".join(message.split()) + (f" (see {ctx.command_path} --help)" if ctx else ""))
+            sys.exit(getattr(e, "exit_code", 2))
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
 app = typer.Typer(
+    cls=_OneLineUsageErrors,
     add_completion=False,
     no_args_is_help=False,
     pretty_exceptions_enable=False,
@@ -39,6 +63,9 @@ def cli_errors(fn):
         except KeyboardInterrupt:
             _err("interrupted")
             raise typer.Exit(130) from None
+        except OSError as e:  # the environment: disk full, permission denied, a file where a folder should be
+            _err(f"{e.strerror or type(e).__name__}: {e.filename}" if e.filename else " ".join(str(e).split()))
+            raise typer.Exit(2) from None
 
     return wrapper
 
@@ -53,6 +80,7 @@ def _setup_logging() -> None:
     # order grid note is about tightness, and the accountant's ε is what we report.
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     warnings.filterwarnings("ignore", message="Optimal order is the")
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")  # peft → transformers
 
 
 @app.command(context_settings={"ignore_unknown_options": False})
@@ -68,12 +96,21 @@ def train(
     from dpft.run import AlreadyDone, train_spec
 
     spec = compose_run(overrides or [])
+    from dpft.engine import distributed
+
+    nproc = distributed.check_config(spec.cfg)
+    if spec.cfg.launcher == "torchrun" and not distributed.in_worker():
+        distributed.launch(nproc, ["train", *(overrides or []), *(["--force"] if force else []),
+                                   *(["--resume"] if resume else [])])
+        return
     try:
         summary = train_spec(spec, force=force, resume=resume)
     except AlreadyDone as e:
-        typer.echo(f"{spec.slug} [{spec.run_id}] already done: {e.path} (use --force to re-run)")
+        if not distributed.in_worker() or os.environ.get("RANK") == "0":
+            typer.echo(f"{spec.slug} [{spec.run_id}] already done: {e.path} (use --force to re-run)")
         return
-    _print_summary(spec, summary)
+    if not distributed.in_worker() or os.environ.get("RANK") == "0":
+        _print_summary(spec, summary)
 
 
 def _print_summary(spec, summary: dict) -> None:
@@ -85,6 +122,8 @@ def _print_summary(spec, summary: dict) -> None:
     fmt = lambda v: "—" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))  # noqa: E731
     table.add_row(f"final {metric}", fmt(summary["final"]))
     table.add_row(f"best {metric}", fmt(summary["best"]))
+    if summary.get("test_metrics"):  # generation tasks: the test tables decoded after training
+        table.add_row(f"test {metric}", fmt(summary["test_metrics"].get(metric)))
     table.add_row("steps to 90% / 95% of target", f"{fmt(summary['steps_to_90'])} / {fmt(summary['steps_to_95'])}"
                   f"  (target {fmt(summary['target'])})")
     p = summary["privacy"]
@@ -138,7 +177,7 @@ def _list_sweeps_table(console) -> None:
     table.add_column("what")
     for name, path in list_sweeps().items():
         para = []  # the first comment paragraph that is not a command line, up to its first sentence
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
             text = line.lstrip("#").strip()
             if not line.startswith("#") or (not text and para):
                 break
@@ -303,7 +342,8 @@ def report_cmd(
 def bench(
     overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
     paths: str = typer.Option("nonprivate,dpsgd-hooks,dpsgd-ghost", help="Comma-separated: nonprivate, "
-                              "<method>-hooks, <method>-ghost (the method's extras are timed too)."),
+                              "<method>-hooks, <method>-ghost (the method's extras are timed too), "
+                              "e.g. add grape-hooks,grape-ghost for DP-GRAPE."),
     batch: int = typer.Option(32, help="Logical batch size (fixed, not Poisson, for timing)."),
     length: int = typer.Option(128, help="Sequence length."),
     steps: int = typer.Option(5, help="Timed steps per path (median reported)."),
@@ -322,7 +362,13 @@ def bench(
     if batch < 1 or length < 1 or steps < 1 or warmup < 0:
         raise DpftError("--batch, --length and --steps must be >= 1, --warmup >= 0")
     device = resolve_device(str(spec.cfg.runtime.device))
-    out = run_bench(spec.cfg, [p.strip() for p in paths.split(",") if p.strip()], batch, length, steps, warmup, device)
+    path_list = [p.strip() for p in paths.split(",") if p.strip()]
+    if not path_list:
+        raise DpftError("--paths is empty; e.g. --paths nonprivate,dpsgd-hooks,dpsgd-ghost")
+    for p in path_list:
+        if "-" in p and p.rsplit("-", 1)[1] not in ("hooks", "ghost", "bk"):
+            raise DpftError(f"bench path '{p}': expected nonprivate, <method> or <method>-hooks|ghost|bk")
+    out = run_bench(spec.cfg, path_list, batch, length, steps, warmup, device)
     if as_json:
         typer.echo(_json.dumps(out, indent=2, sort_keys=True))
         return
@@ -339,6 +385,45 @@ def bench(
         table.add_row(name, f"{1000 * r['step_s']:.1f}", fmt(r.get("time_ratio"), ".2f"),
                       f"{r['peak_mem_bytes'] / 2**20:.0f}", fmt(r.get("mem_ratio"), ".2f"), extras)
     Console().print(table)
+
+
+@app.command()
+@cli_errors
+def audit(
+    overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP + " Without debug=..., the "
+                                                    "debug=audit preset (tiny, ε=2, δ=1e-5; seconds on a CPU).",
+                                                    show_default=False),
+    canaries: int = typer.Option(500, "--canaries", "-m", help="Canaries m; each joins the training set with "
+                                 "probability 1/2."),
+    length: int = typer.Option(8, "--canary-length", help="Random words per canary (per text field)."),
+    confidence: float = typer.Option(0.95, "--confidence", help="Confidence of the ε lower bound."),
+    score: str = typer.Option("embedding", "--score", help="Membership score: embedding (white-box: how far the "
+                              "canary's own word-embedding rows moved) | loss (black-box: its loss decrease)."),
+    force: bool = typer.Option(False, "--force", help="Re-run an audit that already has an audit.json."),
+) -> None:
+    """Empirical privacy audit: train once with canaries (one-run audit, Steinke et al. 2023) and
+    turn a membership test on them into a lower bound on ε, compared with the claimed ε.
+    Exit 1 if the bound exceeds the claim."""
+    _setup_logging()
+    from rich.console import Console
+
+    from dpft.audit import rich_table, run_audit
+    from dpft.config import compose_run
+
+    tokens = list(overrides or [])
+    if not any(t.split("=", 1)[0].lstrip("+~") == "debug" for t in tokens):
+        tokens.insert(0, "debug=audit")
+    spec = compose_run(tokens)
+    res = run_audit(spec, canaries, length, confidence, score=score, force=force)
+    Console().print(rich_table(res))
+    if res.skipped:
+        typer.echo(f"already audited: {res.path} (use --force to re-run)")
+    r = res.result
+    if r["violation"]:
+        _err(f"the empirical ε lower bound {r['epsilon_lower_bound']:.3f} exceeds the claimed ε = "
+             f"{r['claimed_epsilon']:.3f} (δ={r['delta']:.3g}) at {100 * r['confidence']:.0f}% confidence: "
+             "the mechanism leaks more than it accounts for")
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ from dpft.errors import DpftError
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 # Keys that never change what a run computes: where it logs, which device, how it batches in memory.
-NON_SEMANTIC_KEYS = ("logger", "paths", "runtime")
+NON_SEMANTIC_KEYS = ("logger", "paths", "runtime", "launcher", "nproc")
 GROUPS = ("method", "model", "task", "privacy", "optim", "logger", "debug")
 
 
@@ -165,8 +165,8 @@ def validate(cfg: DictConfig) -> None:
                 f"privacy.sampling={cfg.privacy.sampling!r}: the accountants assume Poisson sampling, "
                 "which is the only scheme dpft trains DP methods with"
             )
-        if cfg.engine.grad_sample_mode not in ("hooks", "ghost"):
-            raise DpftError(f"engine.grad_sample_mode must be hooks or ghost, got {cfg.engine.grad_sample_mode!r}")
+        if cfg.engine.grad_sample_mode not in ("hooks", "ghost", "bk"):
+            raise DpftError(f"engine.grad_sample_mode must be hooks, ghost or bk, got {cfg.engine.grad_sample_mode!r}")
     steps, epochs = _num(cfg, "train.steps", int), _num(cfg, "train.epochs")
     if steps is None and epochs is None:
         raise DpftError("set train.steps or train.epochs")
@@ -188,3 +188,35 @@ def validate(cfg: DictConfig) -> None:
     target = _num(cfg, "task.target")
     if target is not None and not target > 0:
         raise DpftError(f"task.target must be > 0, got {target}")
+    _validate_ints_and_choices(cfg)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _validate_ints_and_choices(cfg: DictConfig) -> None:
+    """Values that used to crash deep in the engine (int('abc')) or silently meant something else
+    (checkpoint_every=-1 checkpointed every step)."""
+    if not _is_int(OmegaConf.select(cfg, "seed")):
+        raise DpftError(f"seed must be an integer, got {OmegaConf.select(cfg, 'seed')!r}")
+    for key, low in (("task.max_length", 1), ("train.warmup_steps", 0), ("train.log_every", 1),
+                     ("runtime.num_threads", 1), ("runtime.checkpoint_every", 1), ("runtime.eval_batch_size", 1)):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and not (_is_int(value) and value >= low):
+            raise DpftError(f"{key} must be an integer >= {low}" + (" or null" if key.startswith("runtime.") else "")
+                            + f", got {value!r}")
+    eval_at = OmegaConf.select(cfg, "train.eval_at")
+    if eval_at is not None and not (OmegaConf.is_list(eval_at) and all(_is_int(s) and s >= 1 for s in eval_at)):
+        raise DpftError(f"train.eval_at must be a list of steps >= 1, e.g. [50,100], got {eval_at}")
+    progress = OmegaConf.select(cfg, "runtime.progress")
+    if progress is not None and progress not in ("auto", "rich", "plain", "none"):
+        raise DpftError(f"runtime.progress must be auto, rich, plain or none, got {progress!r}")
+    # the names dpft/engine/optim.py builds; checked here too so a typo fails before the run dir exists
+    if OmegaConf.select(cfg, "optim.name") not in ("adamw", "sgd"):
+        raise DpftError(f"unknown optimizer {OmegaConf.select(cfg, 'optim.name')!r}; valid choices: adamw, sgd")
+    if OmegaConf.select(cfg, "train.lr_schedule") not in ("linear", "constant"):
+        raise DpftError(f"train.lr_schedule must be linear or constant, got {OmegaConf.select(cfg, 'train.lr_schedule')!r}")
+    dtype = OmegaConf.select(cfg, "model.dtype")
+    if dtype is not None and dtype not in ("float32", "float16", "bfloat16", "float64"):
+        raise DpftError(f"model.dtype must be float32, float16, bfloat16 or float64, got {dtype!r}")

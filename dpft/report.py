@@ -234,7 +234,9 @@ class RunData:
     target: float | None = None
 
     def evals(self, metric: str) -> list[dict]:
-        return sorted((r for r in self.records if r.get(metric) is not None), key=lambda r: r["step"])
+        """Records with a numeric value of `metric` (a value edited into a string is not a number)."""
+        return sorted((r for r in self.records if isinstance(r.get(metric), (int, float))
+                       and not isinstance(r.get(metric), bool)), key=lambda r: r["step"])
 
 
 def _value(run: RunData, m: Measure, metric: str) -> float:

@@ -40,16 +40,40 @@ def _archive_previous(path: Path) -> None:
 def train_spec(spec: RunSpec, force: bool = False, resume: bool = False) -> dict:
     """Train `spec` into its run directory. With `resume`, an interrupted or crashed run continues
     from its last checkpoint (same batches, noise and accountant history as if never stopped)."""
+    from dpft.engine import distributed
+    from dpft.engine import train as engine
+
+    cfg = spec.cfg
+    path = store.run_dir(cfg.paths.output_dir, spec.run_id)
+    dist = distributed.init(str(cfg.runtime.device)) if distributed.in_worker() else None
+    try:
+        if store.run_status(path) == "done" and not force:
+            raise AlreadyDone(path)
+        prep = engine.prepare(spec)  # bad input fails here, before anything is written
+        if dist is not None and not dist.is_main:  # data-parallel worker: computes, writes nothing
+            return _train_worker(spec, prep, path, resume and not force, dist)
+        return _train_main(spec, prep, path, force, resume, dist)
+    finally:
+        if dist is not None:
+            distributed.shutdown()
+
+
+def _train_worker(spec: RunSpec, prep, path: Path, resume: bool, dist) -> dict:
+    from dpft.engine import checkpoint as ckpt
+    from dpft.engine import train as engine
+    from dpft.tracking import NullTracker, Progress
+
+    dist.barrier()  # rank 0 has set up (or archived) the run directory
+    state = ckpt.load(path / ckpt.NAME, spec.run_id) if resume and (path / ckpt.NAME).is_file() else None
+    return engine.run(prep, path, NullTracker(), Progress("none", prep.steps, spec.slug), resume=state)
+
+
+def _train_main(spec: RunSpec, prep, path: Path, force: bool, resume: bool, dist) -> dict:
+    from dpft.engine import checkpoint as ckpt
     from dpft.engine import train as engine
     from dpft.tracking import Progress, make_tracker
 
     cfg = spec.cfg
-    path = store.run_dir(cfg.paths.output_dir, spec.run_id)
-    if store.run_status(path) == "done" and not force:
-        raise AlreadyDone(path)
-    prep = engine.prepare(spec)  # bad input fails here, before anything is written
-    from dpft.engine import checkpoint as ckpt
-
     state = None
     if resume and not force and (path / ckpt.NAME).is_file():
         state = ckpt.load(path / ckpt.NAME, spec.run_id)  # refuses a foreign or corrupt checkpoint
@@ -58,8 +82,12 @@ def train_spec(spec: RunSpec, force: bool = False, resume: bool = False) -> dict
         path.mkdir(parents=True, exist_ok=True)
         store.atomic_write_text(path / "config.yaml", engine.config_yaml(spec))
         store.atomic_write_text(path / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(spec.overrides))))
+    if dist is not None:
+        dist.barrier()
     previous = store.read_json(path / "meta.json") or {}
     meta = engine.meta(prep, "running", overrides=list(spec.overrides), choices=spec.choices)
+    if dist is not None:
+        meta["world_size"] = dist.world
     if state is not None:
         meta["resumed"] = previous.get("resumed", []) + [int(state["step"])]
     store.atomic_write_json(path / "meta.json", meta)

@@ -47,9 +47,11 @@ def atomic_write_text(path: Path, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None:  # ENOSPC from write/fsync names no file
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from None
         raise
 
 
@@ -58,36 +60,64 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def read_json(path: Path) -> dict | None:
+    """A JSON object from `path`; None if it is missing, unreadable or not an object (a store
+    file edited by hand reads as absent, never as a half-understood record)."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
     except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
         return None
+    return obj if isinstance(obj, dict) else None
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """Records of a metrics.jsonl; a torn last line (crash mid-write) is ignored."""
-    out = []
+    """Records of a metrics.jsonl. A torn last line (a crash mid-write: no newline after it) is
+    ignored; any other line that is not a JSON object with an integer step (a hand edit, a
+    corrupt disk) is refused with its file and line rather than silently dropped."""
+    from dpft.errors import DpftError
+
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lines = Path(path).read_bytes().split(b"\n")
     except FileNotFoundError:
-        return out
-    for line in lines:
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
+        return []
+    out = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
             continue
+        try:
+            rec = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            rec = None
+        step = rec.get("step") if isinstance(rec, dict) else None
+        if isinstance(step, int) and not isinstance(step, bool):
+            out.append(rec)
+        elif i < len(lines):  # a complete line (newline-terminated) that is not a record
+            raise DpftError(f"{path}:{i}: not a metrics record (a JSON object with an integer step); "
+                            "the run directory was edited or is corrupt")
     return out
 
 
 def run_status(path: Path) -> str | None:
-    """done | running | failed | interrupted | None (no run). 'done' needs the summary too."""
+    """done | running | failed | interrupted | None (no run). 'done' needs a readable summary too;
+    a status that is none of these (meta.json edited by hand) counts as failed."""
     meta = read_json(Path(path) / "meta.json")
     if meta is None:
         return None
     status = meta.get("status")
-    if status == "done" and not (Path(path) / "summary.json").is_file():
+    if status not in STATUSES:
+        return "failed"
+    if status == "done" and read_json(Path(path) / "summary.json") is None:
         return "failed"
     return status
+
+
+class NullWriter:
+    """Where data-parallel workers other than rank 0 write their metrics: nowhere."""
+
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class MetricsWriter:
@@ -99,9 +129,14 @@ class MetricsWriter:
         self._f = open(self.path, "a", encoding="utf-8")
 
     def write(self, record: dict) -> None:
-        self._f.write(json.dumps(_jsonable(record), sort_keys=True) + "\n")
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        try:
+            self._f.write(json.dumps(_jsonable(record), sort_keys=True) + "\n")
+            self._f.flush()
+            os.fsync(self._f.fileno())
+        except OSError as e:  # e.g. ENOSPC: name the file (read_metrics skips a torn last line)
+            if e.filename is not None:
+                raise
+            raise OSError(e.errno, e.strerror or str(e), str(self.path)) from None
 
     def close(self) -> None:
         if not self._f.closed:

@@ -117,9 +117,16 @@ def parse_sweep_text(text: str, name: str, path: Path) -> SweepFile:
                      grid={str(k): _grid_value(str(k), v) for k, v in grid.items()}, report=report, text=text)
 
 
+def _read_sweep_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DpftError(f"sweep file {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
 def load_sweep(name: str) -> SweepFile:
     path = find_sweep(name)
-    return parse_sweep_text(path.read_text(encoding="utf-8"), path.stem, path)
+    return parse_sweep_text(_read_sweep_text(path), path.stem, path)
 
 
 # --------------------------------------------------------------------------- grid expansion
@@ -289,7 +296,11 @@ def read_plan(output_dir: str | os.PathLike, name: str) -> Plan | None:
     if not path.is_file():
         return None
     jobs = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DpftError(f"{path}: not UTF-8 text; re-create it with `dpft sweep {name} --dry-run`") from None
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -307,7 +318,7 @@ def plan_sweep_file(plan: Plan) -> SweepFile | None:
     p = plan.sweep_dir / "sweep.yaml"
     if not p.is_file():
         return None
-    return parse_sweep_text(p.read_text(encoding="utf-8"), plan.name, p)
+    return parse_sweep_text(_read_sweep_text(p), plan.name, p)
 
 
 # --------------------------------------------------------------------------- job states

@@ -31,7 +31,7 @@ def test_nonprivate_loss_falls(dpft):
     assert [m["step"] for m in metrics] == list(range(1, 61))
 
 
-@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "bk"])
 def test_dpsgd_spends_the_target_epsilon(dpft, mode):
     r = dpft("train", *TINY, f"engine.grad_sample_mode={mode}", "privacy.epsilon=3", "privacy.delta=1e-3")
     assert r.exit_code == 0, r.stderr

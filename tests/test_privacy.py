@@ -49,7 +49,7 @@ def _step(model, params, method, hooks, opt, chunks, mode, seed=0):
     return {n: before[n] - p.detach() for n, p in params.items()}
 
 
-@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "bk"])
 def test_noise_added_has_std_sigma_C(mode):
     sigma, clip, b = 1.7, 0.5, 8.0
     model, params, method, hooks, opt = _setup(mode, sigma=sigma, clip=clip, batch=b)
@@ -63,7 +63,7 @@ def test_noise_added_has_std_sigma_C(mode):
     assert abs(z.mean().item()) < 5 * sigma * clip / math.sqrt(n)
 
 
-@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "bk"])
 @pytest.mark.parametrize("scale", [1.0, 1e4])
 def test_each_example_contributes_at_most_C(mode, scale):
     clip = 0.3
@@ -83,13 +83,21 @@ def test_each_example_contributes_at_most_C(mode, scale):
             assert norm == pytest.approx(clip, rel=1e-3)
 
 
-def test_hooks_and_ghost_give_the_same_clipped_sum():
+@pytest.mark.parametrize("clip", [0.05, 1e6])  # most examples clipped / none clipped
+def test_hooks_ghost_and_bookkeeping_give_the_same_clipped_sum(clip):
     updates = {}
-    for mode in ("hooks", "ghost"):
-        model, params, method, hooks, opt = _setup(mode, sigma=0.0, clip=0.05, batch=6.0)
-        updates[mode] = _step(model, params, method, hooks, opt, [_batch(6, seed=3)], mode)
+    for mode in ("hooks", "ghost", "bk"):
+        model, params, method, hooks, opt = _setup(mode, sigma=0.0, clip=clip, batch=6.0)
+        # two micro-batches, one with padding: book-keeping must reset between them and skip pads
+        b2 = _batch(4, seed=5)
+        b2.attention_mask[:, 9:] = 0
+        b2.input_ids[:, 9:] = 0
+        updates[mode] = _step(model, params, method, hooks, opt, [_batch(6, seed=3), b2], mode)
+    assert set(updates["bk"]) == set(updates["hooks"])
     for name in updates["hooks"]:
+        assert updates["hooks"][name].abs().sum() > 0, name  # every parameter got a gradient
         torch.testing.assert_close(updates["ghost"][name], updates["hooks"][name], rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(updates["bk"][name], updates["hooks"][name], rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.parametrize("norm", [0.0, 1e-30, 1e-8, 0.99, 1.0, 1.01, 1e3, 1e30, 3e38])

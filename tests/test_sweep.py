@@ -23,7 +23,7 @@ from dpft.sweep import (PACKAGE_SWEEPS, expand, job_state, list_sweeps, load_swe
 
 # Expected sizes of the shipped grids: changing one of these files should be a deliberate act.
 SHIPPED = {"kappa": 6 * 2 * 3, "norm-correction": 2 * 2 * 3, "denoise-glue": 4 * 2 * 2 * 3, "smoke": 2 * 2,
-           "psasc": 48, "anadp": 144}
+           "psasc": 48, "anadp": 144, "grape": 2 * 2 * 4 * 3, "denoise-generation": 2 * 2 * 2 * 3}
 ALL = sorted(p.stem for p in PACKAGE_SWEEPS.glob("*.yaml"))  # files other engineers add are checked too
 # Tiny jobs: random-init tiny BERT on the synthetic task; non-private runs take ~1-3 s after imports.
 TINY = "overrides: [debug=tiny, method=nonprivate, train.steps=3, train.eval_every=null]\n"

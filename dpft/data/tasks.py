@@ -27,13 +27,23 @@ class Split:
 
 @dataclass
 class TaskData:
-    train: Split
+    train: Split  # or table2text.Pairs for generation tasks
     eval: Split
-    labels: list[str]
+    labels: list[str]  # [] for generation tasks
     source: str  # where the data came from, recorded in meta.json
+    test: object | None = None  # generation tasks: test Pairs, decoded once at the end
+
+
+def is_generation(task_cfg) -> bool:
+    kind = str(task_cfg.get("kind", "classification"))
+    if kind not in ("classification", "generation"):
+        raise DpftError(f"task.kind must be classification or generation, got {kind!r}")
+    return kind == "generation"
 
 
 def load_task(task_cfg) -> TaskData:
+    if is_generation(task_cfg):
+        return _load_generation(task_cfg)
     if task_cfg.source == "synthetic":
         from dpft.data.synthetic import make_split
 
@@ -49,6 +59,17 @@ def load_task(task_cfg) -> TaskData:
     if len(data.train) == 0 or len(data.eval) == 0:
         raise DpftError(f"task {task_cfg.name}: empty train or eval split ({data.source})")
     return data
+
+
+def _load_generation(task_cfg) -> TaskData:
+    from dpft.data import table2text
+
+    load = table2text.load_dir if task_cfg.get("data_dir") else table2text.load_hub
+    train, ev, test, source = load(task_cfg)
+    train, ev = train.cap(task_cfg.get("max_train_examples")), ev.cap(task_cfg.get("max_eval_examples"))
+    if len(train) == 0 or len(ev) == 0:
+        raise DpftError(f"task {task_cfg.name}: empty train or eval split ({source})")
+    return TaskData(train, ev, [], source, test=test)
 
 
 def _cap(split: Split, n) -> Split:

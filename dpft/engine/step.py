@@ -7,6 +7,11 @@ Privacy-relevant invariants (tested in tests/test_privacy.py):
   generator that nothing else draws from;
 * `method.postprocess` receives only the privatised mean (S + Z)/B and public numbers; S itself
   is used afterwards for the alignment diagnostics only and never reaches the update.
+S, Z and everything after them live in `method.space_shape(name, p)` (the parameter's own shape
+unless a method privatises a data-independent linear projection, as grape does: hooks mode then
+gets per-sample gradients already in that shape, ghost mode maps the clipped sum with
+`method.space_map`), and `method.apply_update` hands the result to the optimizer (default:
+p.grad = G', optimizer.step()).
 """
 
 from __future__ import annotations
@@ -25,17 +30,34 @@ from dpft.models import model_inputs
 class Batch:
     input_ids: Tensor
     attention_mask: Tensor
-    labels: Tensor
+    labels: Tensor  # [b] class ids, or [b, T] next-token targets (-100 = no loss) for causal LMs
     token_type_ids: Tensor | None = None
+    loss_reduction: str = "mean"  # causal LMs: per-sequence "mean" or "sum" over target tokens
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
 
 def per_sample_loss(model: nn.Module, batch: Batch) -> Tensor:
-    """Loss of each example (the privacy unit), shape [b]."""
+    """Loss of each example (the privacy unit), shape [b]. For a causal LM (2-D labels) one
+    example is one sequence: its token losses over the target tokens are reduced to one number
+    per sequence, so per-sample gradients and clipping act on whole (table, text) examples."""
     out = model(**model_inputs(model, batch.input_ids, batch.attention_mask, batch.token_type_ids))
+    if batch.labels.dim() == 2:
+        nll, count = token_nll(out.logits, batch.labels)
+        return nll if batch.loss_reduction == "sum" else nll / count.clamp_min(1)
     return F.cross_entropy(out.logits.float(), batch.labels, reduction="none")
+
+
+def token_nll(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-sequence summed next-token NLL over positions whose label is not -100, and the number
+    of such positions: logits[:, t] predicts labels[:, t + 1]."""
+    shift_logits, shift_labels = logits[:, :-1].float(), labels[:, 1:]
+    b, t, v = shift_logits.shape
+    tok = F.cross_entropy(shift_logits.reshape(b * t, v), shift_labels.reshape(b * t), ignore_index=-100,
+                          reduction="none").view(b, t)
+    mask = shift_labels != -100
+    return (tok * mask).sum(1), mask.sum(1)
 
 
 def _cos(dot: float, na: float, nb: float) -> float:
@@ -78,26 +100,55 @@ def _clipped_sum_ghost(model, batch, method, params, clipped, hooks) -> tuple[Te
     finally:
         hooks.enable_hooks()
     for name, p in params.items():
-        if p.grad is not None:
-            clipped[name].add_(p.grad)
+        if p.grad is not None:  # Σ_i w_i g_i, mapped (linearly) into the privatised space
+            clipped[name].add_(method.space_map(name, p.grad))
         p.grad = None
+    return losses.detach(), sq_norms.sum(0).sqrt(), factors
+
+
+def _clipped_sum_bk(model, batch, method, params, clipped, hooks) -> tuple[Tensor, Tensor, Tensor]:
+    """Book-keeping: ghost norms and the clipped sum from one backward (dpft/engine/bookkeeping.py)."""
+    losses = per_sample_loss(model, batch)
+    try:
+        losses.sum().backward()
+        sq_norms = torch.stack([p._norm_sample.float().pow(2) for p in params.values()])
+        for p in params.values():  # per-sample quantities must not outlive the clipping
+            p._norm_sample = None
+            p.grad = None  # autograd's unclipped sum: discarded, never released
+        factors = method.clip_factors(sq_norms)
+        if factors.dim() != 1:
+            raise DpftError(f"method {method.name} needs per-parameter factors: use engine.grad_sample_mode=hooks")
+        for name, g in hooks.clipped_sum(factors.detach(), params).items():
+            clipped[name].add_(method.space_map(name, g.float()))
+    finally:
+        hooks.forget()
     return losses.detach(), sq_norms.sum(0).sqrt(), factors
 
 
 def dp_step(*, model, chunks: list[Batch], method, params: dict[str, nn.Parameter], optimizer,
             noise_generator: torch.Generator, mode: str, hooks, step: int,
-            alignment: bool = True, per_layer: bool = False) -> dict:
-    """One DP optimizer step over a Poisson-sampled logical batch split into `chunks`."""
-    clipped = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+            alignment: bool = True, per_layer: bool = False, dist=None) -> dict:
+    """One DP optimizer step over a Poisson-sampled logical batch split into `chunks`. With
+    `dist` (data parallel, dpft/engine/distributed.py) `chunks` is this rank's shard of the
+    logical batch: the clipped sums are summed over ranks before the (once-drawn) noise."""
+    # the privatised space of each parameter: its own shape, or the method's (e.g. grape's projection)
+    clipped = {n: torch.zeros(method.space_shape(n, p), dtype=torch.float32, device=p.device)
+               for n, p in params.items()}
     losses, norms, factors = [], [], []
     for batch in chunks:  # an empty Poisson draw leaves S = 0 and still takes the noisy step
         if mode == "hooks":
             out = _clipped_sum_hooks(model, batch, method, params, clipped)
+        elif mode == "bk":
+            out = _clipped_sum_bk(model, batch, method, params, clipped, hooks)
         else:
             out = _clipped_sum_ghost(model, batch, method, params, clipped, hooks)
         losses.append(out[0]); norms.append(out[1])
         factors.append(out[2] if out[2].dim() == 1 else out[2].min(0).values)
 
+    if dist is not None:  # S over the whole logical batch, and its per-example statistics
+        dist.sum_(clipped)
+        losses, norms, factors = ([dist.gather(torch.cat(x) if x else torch.zeros(0, device=dist.device))]
+                                  for x in (losses, norms, factors))
     b = method.privacy.expected_batch_size
     std = method.noise_std()
     noised = {}
@@ -106,8 +157,8 @@ def dp_step(*, model, chunks: list[Batch], method, params: dict[str, nn.Paramete
         noised[name] = (s + z) / b
     processed = method.postprocess(noised, {n: float(std[n]) / b for n in noised}, step)
 
-    stats = {"batch_size": sum(len(c) for c in chunks)}
-    if losses:
+    stats = {"batch_size": sum(len(c) for c in chunks) if dist is None else int(losses[0].numel())}
+    if losses and sum(x.numel() for x in losses):
         all_losses, all_norms, all_f = torch.cat(losses), torch.cat(norms), torch.cat(factors)
         stats["loss"] = float(all_losses.mean())
         stats["clipped_frac"] = float((all_f < 1.0 - 1e-6).float().mean())
@@ -115,10 +166,7 @@ def dp_step(*, model, chunks: list[Batch], method, params: dict[str, nn.Paramete
     if alignment:
         stats.update(_alignment(clipped, noised, processed, b, per_layer))
 
-    for name, p in params.items():
-        p.grad = processed[name].to(p.dtype)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    method.apply_update(params, processed, optimizer, step)
     return stats
 
 

@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 
 from dpft import __version__, store
 from dpft.config import RunSpec
-from dpft.data.tasks import TaskData, load_task
+from dpft.data.tasks import TaskData, is_generation, load_task
 from dpft.engine import accountant as acct
 from dpft.engine.step import Batch, dp_step, nonprivate_step
 from dpft.errors import DpftError
@@ -37,8 +37,9 @@ log = logging.getLogger("dpft")
 class Encoded:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
-    labels: torch.Tensor
+    labels: torch.Tensor  # [N] class ids, or [N, L] token targets for causal LMs (dpft.engine.generation)
     token_type_ids: torch.Tensor | None = None
+    loss_reduction: str = "mean"  # causal LMs: per-sequence mean or sum over target tokens
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -48,8 +49,9 @@ class Encoded:
         mask = self.attention_mask[idx]
         t = max(int(mask.sum(1).max()), 1) if len(idx) else 1  # trim padding per micro-batch
         take = lambda x: None if x is None else x[idx, :t].to(device)  # noqa: E731
-        return Batch(take(self.input_ids), mask[:, :t].to(device), self.labels[idx].to(device),
-                     take(self.token_type_ids))
+        labels = take(self.labels) if self.labels.dim() == 2 else self.labels[idx].to(device)
+        return Batch(take(self.input_ids), mask[:, :t].to(device), labels, take(self.token_type_ids),
+                     self.loss_reduction)
 
 
 @dataclass
@@ -66,6 +68,14 @@ class Prepared:
     delta: float | None
     sigma: float | None
     info: dict = field(default_factory=dict)
+    # N that q = B/N, δ and the noise normaliser B are computed from: len(train_enc), except under
+    # `dpft audit`, whose canaries count as all present (public parameters independent of which are in)
+    dataset_size: int | None = None
+
+    gen: object | None = None  # generation tasks: dpft.engine.generation.GenerationEval
+
+    def public_n(self) -> int:
+        return self.dataset_size if self.dataset_size is not None else len(self.train_enc)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -94,7 +104,9 @@ def plan_steps(cfg, sample_rate: float) -> int:
     return max(1, math.ceil(float(cfg.train.epochs) / sample_rate))
 
 
-def prepare(spec: RunSpec) -> Prepared:
+def prepare(spec: RunSpec, canaries=None) -> Prepared:
+    """`canaries` (only `dpft audit`, see dpft/audit.py) appends the included audit canaries to the
+    training set; q, σ and δ are then those of the data set with all m candidates in."""
     from dpft.models import apply_peft, load_classifier, load_tokenizer
 
     cfg = spec.cfg
@@ -104,6 +116,9 @@ def prepare(spec: RunSpec) -> Prepared:
     method = build_method(cfg)
     data = load_task(cfg.task)
     n = len(data.train)
+    if canaries is not None:
+        data.train = canaries.insert(data.train)
+        n += canaries.m
     bs = int(cfg.train.batch_size)
     if bs > n:
         raise DpftError(f"train.batch_size={bs} is larger than the training set ({n} examples)")
@@ -122,12 +137,29 @@ def prepare(spec: RunSpec) -> Prepared:
                 raise DpftError(f"the planned run spends ε={acct.epsilon_of(planned, delta):.3f} > "
                                 f"privacy.max_epsilon={ceiling}; refusing to train")
     tokenizer = load_tokenizer(cfg.model)
-    train_enc = encode(tokenizer, data.train, int(cfg.task.max_length))
-    eval_enc = encode(tokenizer, data.eval, int(cfg.task.max_length))
-    model = load_classifier(cfg.model, len(data.labels), int(cfg.seed))
+    gen = None
+    if is_generation(cfg.task):  # causal LM, loss on target tokens, decoding metrics
+        from dpft.engine import generation
+        from dpft.models import load_causal_lm
+
+        codec = generation.PromptCodec(tokenizer, cfg.task)
+        red = str(cfg.task.get("loss_reduction", "mean"))
+        train_enc = generation.encode_pairs(codec, data.train, int(cfg.task.max_length), red)
+        eval_enc = generation.encode_pairs(codec, data.eval, int(cfg.task.max_length), red)
+        gen = generation.GenerationEval(cfg.task, codec, data)
+        # Opacus ghost clipping refuses tied *trainable* input/output embeddings; hooks handle
+        # tying exactly, and under LoRA the embedding is frozen
+        untie = (method.private and str(cfg.engine.grad_sample_mode) in ("ghost", "bk")
+                 and not cfg.model.get("peft"))
+        model = load_causal_lm(cfg.model, int(cfg.seed), untie=untie)
+    else:
+        train_enc = encode(tokenizer, data.train, int(cfg.task.max_length))
+        eval_enc = encode(tokenizer, data.eval, int(cfg.task.max_length))
+        model = load_classifier(cfg.model, len(data.labels), int(cfg.seed))
     model.to(device)  # before any wrapping (Opacus #820: moving after PEFT/hooks corrupts updates)
     model = apply_peft(model, cfg.model)
-    return Prepared(spec, data, train_enc, eval_enc, model, method, device, steps, q, delta, sigma)
+    return Prepared(spec, data, train_enc, eval_enc, model, method, device, steps, q, delta, sigma, dataset_size=n,
+                    gen=gen)
 
 
 def _git_sha() -> str | None:
@@ -154,6 +186,10 @@ def _versions() -> dict:
 def evaluate(model, enc: Encoded, device, batch_size: int, task_cfg) -> dict:
     from sklearn.metrics import accuracy_score, f1_score
 
+    if enc.labels.dim() == 2:  # causal LM: eval loss and perplexity (decoding metrics: prep.gen)
+        from dpft.engine.generation import eval_loss
+
+        return eval_loss(model, enc, device, batch_size)
     was_training = model.training
     model.eval()
     preds = []
@@ -203,6 +239,10 @@ def attach_hooks(model, mode: str, clip_norm: float):
         raise DpftError(f"model has layers DP training cannot handle: {errors[0]}")
     if mode == "hooks":
         return GradSampleHooks(model, batch_first=True, loss_reduction="sum", strict=False)
+    if mode == "bk":
+        from dpft.engine.bookkeeping import BookKeepingHooks
+
+        return BookKeepingHooks(model, batch_first=True, loss_reduction="sum", strict=False, max_grad_norm=clip_norm)
     return GradSampleHooksFastGradientClipping(model, batch_first=True, loss_reduction="sum", strict=False,
                                                max_grad_norm=clip_norm, use_ghost_clipping=True)
 
@@ -221,7 +261,8 @@ def run(prep: Prepared, run_path: Path, tracker, progress, resume: dict | None =
     privacy = None
     if method.private:
         privacy = PrivacyParams(sigma=prep.sigma, clip_norm=float(cfg.privacy.clip_norm), sample_rate=prep.sample_rate,
-                                expected_batch_size=prep.sample_rate * n, steps=prep.steps, delta=prep.delta)
+                                expected_batch_size=prep.sample_rate * prep.public_n(), steps=prep.steps,
+                                delta=prep.delta)
     method.setup(model, params, privacy)
     optimizer = method.build_optimizer(params, cfg.optim)
     from dpft.engine.optim import build_schedule
@@ -231,7 +272,7 @@ def run(prep: Prepared, run_path: Path, tracker, progress, resume: dict | None =
     hooks = None
     accountant = None
     if method.private:
-        if mode == "ghost" and not method.supports_ghost:
+        if mode in ("ghost", "bk") and not method.supports_ghost:
             raise DpftError(f"method {method.name} does not support ghost clipping; use engine.grad_sample_mode=hooks")
         if abs(method.noise_multiplier() - prep.sigma) > 1e-9 * max(1.0, prep.sigma):
             raise DpftError(f"method {method.name} spends σ_eff={method.noise_multiplier()} but σ={prep.sigma} was calibrated")
@@ -239,7 +280,12 @@ def run(prep: Prepared, run_path: Path, tracker, progress, resume: dict | None =
         batches = ckpt.PoissonBatches(n, prep.sample_rate, prep.steps, int(cfg.seed) + 1)
     else:
         batches = ckpt.ShuffleBatches(n, int(cfg.train.batch_size), int(cfg.seed) + 1)
+    # identically seeded on every data-parallel rank: all ranks add the same noise (distributed.py)
     noise_gen = torch.Generator(device=device).manual_seed(int(cfg.seed) + 2)
+    from dpft.engine import distributed
+
+    dist = distributed.current()
+    main = dist is None or dist.is_main
     evals: list[dict] = []
     start = 1
     if resume is not None:
@@ -258,7 +304,10 @@ def run(prep: Prepared, run_path: Path, tracker, progress, resume: dict | None =
         else:
             batches.load_state_dict(resume["batches"])
         evals = [dict(e) for e in resume["evals"]]
-        _truncate_metrics(run_path / "metrics.jsonl", start - 1)
+        if main:
+            _truncate_metrics(run_path / "metrics.jsonl", start - 1)
+    if dist is not None:
+        dist.broadcast_(params.values())
     if method.private:
         hooks = attach_hooks(model, mode, privacy.clip_norm)
 
@@ -274,7 +323,7 @@ def run(prep: Prepared, run_path: Path, tracker, progress, resume: dict | None =
             "wall_time_s": time.time() - t0 + (float(resume.get("wall_time_s", 0.0)) if resume else 0.0),
         })
 
-    metrics = store.MetricsWriter(run_path / "metrics.jsonl")
+    metrics = store.MetricsWriter(run_path / "metrics.jsonl") if main else store.NullWriter()
     eval_steps = _eval_steps(cfg, prep.steps)
     primary = str(cfg.task.metric)
     t0 = time.time()
@@ -285,6 +334,8 @@ def run(prep: Prepared, run_path: Path, tracker, progress, resume: dict | None =
     try:
         for step in range(start, prep.steps + 1):
             idx = next(batches)
+            if dist is not None:  # every rank drew the same logical batch; each clips its shard
+                idx = dist.shard(idx)
             chunks = _chunks(prep.train_enc, idx, pbs, device)
             if step == start:
                 before = {n: float(p.detach().double().sum()) for n, p in params.items()}
@@ -292,7 +343,8 @@ def run(prep: Prepared, run_path: Path, tracker, progress, resume: dict | None =
             if method.private:
                 stats = dp_step(model=model, chunks=chunks, method=method, params=params, optimizer=optimizer,
                                 noise_generator=noise_gen, mode=mode, hooks=hooks, step=step,
-                                alignment=bool(cfg.diagnostics.alignment), per_layer=bool(cfg.diagnostics.per_layer))
+                                alignment=bool(cfg.diagnostics.alignment), per_layer=bool(cfg.diagnostics.per_layer),
+                                dist=dist)
                 accountant.step(noise_multiplier=method.noise_multiplier(), sample_rate=prep.sample_rate)
             else:
                 stats = nonprivate_step(model=model, chunks=chunks, params=params, optimizer=optimizer)
@@ -307,10 +359,13 @@ def run(prep: Prepared, run_path: Path, tracker, progress, resume: dict | None =
             # a method's own cost as a fraction of the whole step (e.g. the denoiser's spectral work)
             record.update({f"method/{k}_frac": v / step_time for k, v in diag.items()
                            if k.endswith("time_s") and step_time > 0})
-            if step in eval_steps:
+            if step in eval_steps and main:
                 if method.private:
                     eps = acct.epsilon_of(accountant, prep.delta)
                 ev = evaluate(model, prep.eval_enc, device, int(cfg.runtime.eval_batch_size), cfg.task)
+                if prep.gen is not None and prep.gen.due(step, prep.steps):
+                    ev.update(prep.gen.score(model, device, int(cfg.runtime.eval_batch_size), "eval",
+                                             run_path if main else None, step))
                 record.update({f"eval/{k}": v for k, v in ev.items()})
                 record.update(_privacy_record(method, privacy, eps))
                 evals.append({"step": step, **ev})
@@ -318,11 +373,12 @@ def run(prep: Prepared, run_path: Path, tracker, progress, resume: dict | None =
                 metrics.write(record)
                 tracker.log(record, step)
             progress.update(step, record)
-            if stop.requested:  # SIGTERM/SIGINT: checkpoint at this step boundary, then stop
-                if step < prep.steps:
+            if stop.requested if dist is None else dist.any(stop.requested):
+                # SIGTERM/SIGINT: checkpoint at this step boundary, then stop
+                if step < prep.steps and main:
                     save_checkpoint(step)
                 raise KeyboardInterrupt
-            if every and step % int(every) == 0 and step < prep.steps:
+            if every and step % int(every) == 0 and step < prep.steps and main:
                 save_checkpoint(step)
     finally:
         stop.restore()
@@ -332,8 +388,17 @@ def run(prep: Prepared, run_path: Path, tracker, progress, resume: dict | None =
 
     wall = time.time() - t0 + (float(resume.get("wall_time_s", 0.0)) if resume else 0.0)
     summary = _summary(cfg, prep, method, evals, primary, wall, accountant)
+    if prep.gen is not None and prep.gen.test is not None:  # the test tables, decoded once at the end
+        test = prep.gen.score(model, device, int(cfg.runtime.eval_batch_size), "test", run_path if main else None,
+                              prep.steps)
+        summary["test_metrics"] = test
+        tracker.log({f"test/{k}": v for k, v in test.items()}, prep.steps)
     if resume is not None:
         summary["resumed_from_step"] = start - 1
+    if dist is not None:
+        summary["world_size"] = dist.world
+    if not main:
+        return summary
     store.atomic_write_json(run_path / "summary.json", summary)
     tracker.summary(summary)
     (run_path / ckpt.NAME).unlink(missing_ok=True)  # done: the summary and metrics are the record
@@ -396,7 +461,7 @@ def _privacy_record(method, privacy, eps) -> dict:
 
 def _summary(cfg, prep: Prepared, method, evals, primary, wall, accountant) -> dict:
     final = evals[-1] if evals else {}
-    best = max((e[primary] for e in evals), default=None)
+    best = max((e[primary] for e in evals if e.get(primary) is not None), default=None)
     target = cfg.task.get("target")
     summary = {
         "run_id": prep.spec.run_id,
@@ -442,8 +507,8 @@ def ledger(cfg, prep: Prepared, method, accountant) -> dict:
         "clip_norm": float(cfg.privacy.clip_norm),
         "sensitivity": method.sensitivity(),
         "sample_rate": prep.sample_rate,
-        "expected_batch_size": prep.sample_rate * len(prep.train_enc),
-        "dataset_size": len(prep.train_enc),
+        "expected_batch_size": prep.sample_rate * prep.public_n(),
+        "dataset_size": prep.public_n(),
         "steps": sum(int(h[2]) for h in history),
         "sampling": "poisson",
         "accountant": cfg.privacy.accountant,

@@ -12,7 +12,15 @@ One optimizer step of the engine (`dpft.engine.step.dp_step`) is, for every meth
 5. G' = ``postprocess(G, noise_std_mean, step)`` — sees only G and public quantities (the exact
    per-entry noise std of G, shapes, step), never S, per-sample data or raw examples, so it is
    post-processing and costs no privacy;
-6. the optimizer steps on G'.
+6. ``apply_update(params, G', optimizer, step)``: by default p.grad = G' and the optimizer steps.
+
+Steps 2-6 happen in each parameter's *privatised space*, ``space_shape(name, p)``: by default
+the parameter's own shape. A method that privatises a data-independent linear image of the
+gradient (grape: g ↦ g·Pᵀ) returns that image's shape, makes the per-sample hooks produce
+``p.grad_sample`` of shape [b, *space_shape] (``prepare_model``; ghost mode takes the norms of
+those and maps the clipped sum with the linear ``space_map``), and maps G' back to the parameter
+in ``apply_update``. The invariant of step 2 is then on the image, which is what gets
+noised and released.
 
 Accounting: each step the accountant composes one Poisson-subsampled Gaussian mechanism with
 noise multiplier ``noise_multiplier()`` (std / sensitivity, or σ_eff for non-uniform noise) and
@@ -72,6 +80,28 @@ class Method:
         from dpft.engine.optim import build_optimizer
 
         return build_optimizer(list(params.values()), optim_cfg)
+
+    # -- privatised space ----------------------------------------------------------------------
+    def space_shape(self, name: str, param: nn.Parameter) -> torch.Size:
+        """Shape in which ``name`` is clipped, noised and post-processed (default: its own). A
+        different shape requires per-sample gradients of that shape and an ``apply_update`` that
+        maps the privatised result back."""
+        return param.shape
+
+    def space_map(self, name: str, grad: Tensor) -> Tensor:
+        """Ghost mode: map the clipped sum Σ_i w_i g_i (the parameter's shape) into the privatised
+        space. Must be linear and data-independent, so that it equals Σ_i w_i·map(g_i) with the
+        w_i computed from the norms of map(g_i). Default: identity."""
+        return grad
+
+    def apply_update(self, params: dict[str, nn.Parameter], grads: dict[str, Tensor],
+                     optimizer: torch.optim.Optimizer, step: int) -> None:
+        """Step 6: hand the post-processed privatised gradient (in ``space_shape``) to the
+        optimizer. Only privatised tensors and public numbers reach this point."""
+        for name, p in params.items():
+            p.grad = grads[name].to(p.dtype)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
     # -- 2. per-sample rule --------------------------------------------------------------------
     def sensitivity(self) -> float:

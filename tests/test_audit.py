@@ -1,0 +1,143 @@
+"""`dpft audit`: the one-run canary audit (Steinke, Nasr & Jagielski 2023).
+
+The statistics are checked against scipy's Clopper–Pearson interval and against a simulated
+mechanism whose true ε is known; end to end, every DP method's empirical ε must stay below its
+claimed ε while the audit can prove more than the claim, and a deliberately broken mechanism
+(noise switched off, still accounted as σ) must be caught with a large empirical ε."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dpft import audit as au
+
+
+def _audit_json(output_dir: Path) -> tuple[Path, dict]:
+    found = sorted((Path(output_dir) / "audits").glob("*/audit.json"))
+    assert len(found) == 1, found
+    return found[0].parent, json.loads(found[0].read_text())
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+@pytest.mark.parametrize("r,v", [(50, 40), (200, 150), (500, 480), (100, 100), (30, 16)])
+def test_pure_dp_bound_is_the_clopper_pearson_lower_bound(r, v):
+    """δ = 0: Binomial domination makes the one-run bound logit(one-sided CP lower bound)."""
+    from scipy.stats import binomtest
+
+    significance = 0.05
+    low = binomtest(v, r).proportion_ci(confidence_level=1 - 2 * significance, method="exact").low
+    expected = max(0.0, math.log(low / (1 - low)))
+    assert au.epsilon_lower_bound(1000, r, v, 0.0, significance) == pytest.approx(expected, abs=1e-5)
+
+
+def test_bound_is_monotone_and_delta_only_weakens_it():
+    m, r = 500, 200
+    bounds = [au.epsilon_lower_bound(m, r, v, 1e-5, 0.05) for v in range(100, 201, 10)]
+    assert bounds[0] == 0.0 and all(b2 >= b1 for b1, b2 in zip(bounds, bounds[1:])) and bounds[-1] > 2
+    for v in (150, 190, 200):
+        pure = au.epsilon_lower_bound(m, r, v, 0.0, 0.05)
+        assert au.epsilon_lower_bound(m, r, v, 1e-5, 0.05) <= pure
+        assert au.epsilon_lower_bound(m, r, v, 1e-3, 0.05) < au.epsilon_lower_bound(m, r, v, 1e-5, 0.05)
+
+
+def test_bound_holds_and_has_power_on_a_mechanism_of_known_epsilon():
+    """Randomised response on each canary's membership is exactly ε-DP per canary: the 95% bound
+    must stay below ε in (about) 95% of trials, and not be vacuous."""
+    eps, m, trials = 2.0, 1000, 60
+    rng = np.random.default_rng(7)
+    p = math.exp(eps) / (1 + math.exp(eps))
+    bounds = []
+    for _ in range(trials):
+        included = rng.random(m) < 0.5
+        truthful = rng.random(m) < p
+        released = np.where(truthful, included, ~included)
+        scores = released + 1e-3 * rng.random(m)  # ties broken by public randomness
+        bounds.append(au.membership_test(scores, included, 0.0, 0.95)["epsilon_lower_bound"])
+    bounds = np.array(bounds)
+    assert (bounds > eps).mean() <= 0.1, bounds  # ≤ 5% expected; Bonferroni makes it rarer still
+    assert np.median(bounds) > 0.7 * eps, bounds
+
+
+def test_membership_test_counts_guesses():
+    scores = np.arange(100, dtype=float)
+    included = scores >= 50  # a perfect score
+    out = au.membership_test(scores, included, 0.0, 0.95)
+    assert out["precision"] == 1.0 and out["correct"] == out["guesses"] == 100
+    assert out["epsilon_lower_bound"] == pytest.approx(out["epsilon_max_provable"])
+    flipped = au.membership_test(-scores, included, 0.0, 0.95)
+    assert flipped["epsilon_lower_bound"] == 0.0
+
+
+# --------------------------------------------------------------------------- end to end
+
+# Every DP method in dpft/methods/. ANADP needs per-group clip factors, i.e. hooks mode, whose
+# per-sample embedding gradients make a step ~5× dearer on CPU: fewer steps (σ is recalibrated for
+# them, the claim stays ε = 2) and a short warm-up so its adaptive noise allocation is exercised.
+METHODS = {
+    "dpsgd": [],
+    "psasc": [],
+    "psac": [],
+    "anadp": ["engine.grad_sample_mode=hooks", "train.steps=8", "method.warmup=2"],
+    "denoise": [],
+    "grape": [],
+}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_empirical_epsilon_stays_below_the_claim(dpft, tmp_path, method):
+    out = tmp_path / "store"
+    r = dpft("audit", f"method={method}", *METHODS[method], f"paths.output_dir={out}")
+    assert r.exit_code == 0, (r.stdout, r.stderr, r.exception)
+    path, res = _audit_json(out)
+    summary = json.loads((path / "summary.json").read_text())
+    ledger = summary["privacy"]
+    assert res["method"] == summary["method"] == method
+    assert res["claimed_epsilon"] == pytest.approx(ledger["epsilon"]) and res["delta"] == ledger["delta"]
+    # the audit could refute the claim (so "below" means something) ...
+    assert res["refutable"] and res["epsilon_max_provable"] > res["claimed_epsilon"]
+    # ... and does not
+    assert res["epsilon_lower_bound"] < res["claimed_epsilon"]
+    assert res["violation"] is False and res["unsafe_broken_mechanism"] is None
+    # public parameters: N counts every candidate canary, whichever coins came up
+    assert ledger["dataset_size"] == 250 + res["canaries"]
+    assert ledger["sample_rate"] == pytest.approx(256 / ledger["dataset_size"])
+    lines = [json.loads(x) for x in (path / "canaries.jsonl").read_text().splitlines()]
+    assert len(lines) == res["canaries"] and sum(x["included"] for x in lines) == res["included"]
+    assert "empirical ε" in r.stdout
+
+
+def test_broken_mechanism_is_caught(dpft, tmp_path, monkeypatch):
+    """Noise switched off but still accounted as σ: a large empirical ε, exit 1, one error line."""
+    monkeypatch.setattr(au, "UNSAFE_BREAK", "noise-off")
+    out = tmp_path / "store"
+    r = dpft("audit", f"paths.output_dir={out}")
+    assert r.exit_code == 1, (r.stdout, r.stderr, r.exception)
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and "exceeds the claimed" in errors[0] and "Traceback" not in r.stderr
+    _, res = _audit_json(out)
+    assert res["unsafe_broken_mechanism"] == "noise-off" and res["violation"] is True
+    assert res["auc"] > 0.95
+    assert res["epsilon_lower_bound"] > 1.5 * res["claimed_epsilon"]
+
+
+def test_audit_is_stored_once_and_force_keeps_the_previous(dpft, tmp_path):
+    out = tmp_path / "store"
+    args = ("audit", "--canaries", "40", "train.steps=2", f"paths.output_dir={out}")
+    assert dpft(*args).exit_code == 0
+    path, first = _audit_json(out)
+    again = dpft(*args)
+    assert again.exit_code == 0 and "already audited" in again.stdout
+    assert json.loads((path / "audit.json").read_text()) == first
+    assert dpft(*args, "--force").exit_code == 0
+    kept = json.loads((path / "attempts" / "1" / "audit.json").read_text())
+    assert kept == first
+    assert json.loads((path / "audit.json").read_text())["epsilon_lower_bound"] == first["epsilon_lower_bound"]
+    # a dpft train run of the same config is a different store entry
+    assert not (out / "runs").exists()
