@@ -36,6 +36,15 @@ def test_glue_tsv_with_stray_quote(tmp_path):
     assert data.train.texts[0] == ('"What is it?', "A stray quote.") and data.train.labels == [0, 1]
 
 
+def test_tsv_with_utf8_byte_order_mark(tmp_path):
+    """Files saved by spreadsheet tools start with a BOM; the header must still read 'sentence'."""
+    (tmp_path / "train.tsv").write_bytes("\ufeffsentence\tlabel\nfine film .\t1\nbad .\t0\n".encode("utf-8"))
+    (tmp_path / "dev.tsv").write_bytes("\ufeffsentence\tlabel\nok .\t1\n".encode("utf-8"))
+    data = load_task(_task("task=sst2", f"task.data_dir={tmp_path}"))
+    assert data.train.texts == [("fine film .",), ("bad .",)] and data.train.labels == [1, 0]
+    assert len(data.eval) == 1
+
+
 def test_json_subset_layout(tmp_path):
     ex = {"0": {"text_a": "q1", "text_b": "q2", "label": "1"}, "1": {"text_a": "a", "text_b": "b", "label": "0"}}
     for name in ("train.json", "dev.json"):

@@ -85,7 +85,7 @@ def linearize_triples(triples, where: str) -> str:
 
 def read_e2e_csv(path: Path, linearize: bool = True) -> Pairs:
     try:
-        with open(path, encoding="utf-8", newline="") as f:
+        with open(path, encoding="utf-8-sig", newline="") as f:
             rows = list(csv.reader(f))
     except UnicodeDecodeError as e:
         raise DpftError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
@@ -144,7 +144,7 @@ def _dart_examples(items, where: str) -> Pairs:
 
 def read_dart_json(path: Path) -> Pairs:
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(path.read_text(encoding="utf-8-sig"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DpftError(f"{path}: not valid UTF-8 JSON ({' '.join(str(e).split())[:120]})") from None
     if not isinstance(raw, list):

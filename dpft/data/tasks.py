@@ -117,7 +117,7 @@ def _column(header: list[str], name: str, path: Path) -> int:
 def _read_tsv(path: Path, task_cfg) -> Split:
     # QUOTE_NONE: raw GLUE rows may start with a stray quote that a CSV reader would merge.
     try:
-        with open(path, encoding="utf-8", newline="") as f:
+        with open(path, encoding="utf-8-sig", newline="") as f:
             rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
     except UnicodeDecodeError as e:
         raise DpftError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
@@ -140,7 +140,7 @@ def _read_tsv(path: Path, task_cfg) -> Split:
 def _read_json(path: Path, task_cfg) -> Split:
     """The subset layout: {"0": {"text_a": ..., "text_b": ..., "label": "..."}, ...}."""
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(path.read_text(encoding="utf-8-sig"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DpftError(f"{path}: not valid UTF-8 JSON ({e})") from None
     items = list(raw.values()) if isinstance(raw, dict) else raw
