@@ -7,12 +7,10 @@ known exactly."""
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
 from omegaconf import OmegaConf
-from torch import nn
 
 import dpft.methods.denoise as dn
 from conftest import read_run, run_dirs

@@ -67,7 +67,7 @@ import torch
 from torch import Tensor
 
 from dpft.errors import DpftError
-from dpft.methods.base import Method, clip_flat, register
+from dpft.methods.base import Method, cfg_get, cfg_number, clip_flat, register
 
 GRANULARITIES = ("tensor", "layer")
 CLIP_SPLITS = ("uniform", "numel")
@@ -75,14 +75,6 @@ _LAYER_RE = re.compile(r"(?:^|\.)layer\.(\d+)\.")
 _NUDGE = 1e-9  # relative upward nudge of s_g against float64 rounding (σ_eff never below σ)
 
 
-def _cfg_get(node, key, default):
-    if node is None:
-        return default
-    try:
-        value = node.get(key, default)
-    except AttributeError:
-        value = getattr(node, key, default)
-    return default if value is None else value
 
 
 def group_names(names: list[str], granularity: str) -> list[str]:
@@ -155,10 +147,10 @@ class ANADP(Method):
     def __init__(self, cfg):
         super().__init__(cfg)
         m = cfg.method
-        self.granularity = str(_cfg_get(m, "granularity", "tensor"))
+        self.granularity = str(cfg_get(m, "granularity", "tensor"))
         if self.granularity not in GRANULARITIES:
             raise DpftError(f"method.granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
-        self.clip_split = str(_cfg_get(m, "clip_split", "uniform"))
+        self.clip_split = str(cfg_get(m, "clip_split", "uniform"))
         if self.clip_split not in CLIP_SPLITS:
             raise DpftError(f"method.clip_split must be one of {', '.join(CLIP_SPLITS)}, got {self.clip_split!r}")
         self.beta1 = self._number(m, "beta1", 0.85)
@@ -192,16 +184,7 @@ class ANADP(Method):
 
     @staticmethod
     def _number(node, key, default):
-        value = _cfg_get(node, key, default)
-        try:
-            if isinstance(value, bool):
-                raise ValueError
-            value = float(value)
-        except (TypeError, ValueError):
-            raise DpftError(f"method.{key} must be a number, got {value!r}") from None
-        if not math.isfinite(value):
-            raise DpftError(f"method.{key} must be finite, got {value}")
-        return value
+        return cfg_number(node, key, default)
 
     # -- lifecycle -------------------------------------------------------------------------------
     def setup(self, model, params, privacy) -> None:

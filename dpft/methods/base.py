@@ -34,6 +34,7 @@ one config ``dpft/conf/method/<name>.yaml`` (whose ``name`` key selects the clas
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -161,6 +162,32 @@ class NonPrivate(Method):
 
     def noise_multiplier(self) -> float:
         return 0.0
+
+
+def cfg_get(node, key, default):
+    """``node.key`` of a method config (DictConfig, dict or object), ``default`` when absent/null."""
+    if node is None:
+        return default
+    try:
+        value = node.get(key, default)
+    except AttributeError:
+        value = getattr(node, key, default)
+    return default if value is None else value
+
+
+def cfg_number(node, key, default, full_key: str | None = None) -> float:
+    """A finite number from a method config, or a one-line DpftError naming ``full_key``."""
+    full_key = full_key or f"method.{key}"
+    value = cfg_get(node, key, default)
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        value = float(value)
+    except (TypeError, ValueError):
+        raise DpftError(f"{full_key} must be a number, got {value!r}") from None
+    if not math.isfinite(value):
+        raise DpftError(f"{full_key} must be finite, got {value}")
+    return value
 
 
 def clip_flat(norms: Tensor, clip_norm: float) -> Tensor:

@@ -349,7 +349,6 @@ def _threshold_test(mats, rows: list[int], iters: int, gen: torch.Generator):
     """Lanczos lower bounds on the singular values of ``mats[rows]``: Ritz values (b, q) fp64 on the
     CPU (descending), Ritz vectors (b, M, q) on the device, and a (b,) mask of finite runs."""
     dev = mats[0].device
-    b = len(rows)
     if _per_matrix(dev):
         ritz, vecs, ok = [], [], []
         threads = torch.get_num_threads()

@@ -55,13 +55,12 @@ Turn them off with ``method.log_norms=false``.
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import Tensor
 
 from dpft.errors import DpftError
-from dpft.methods.base import Method, register
+from dpft.methods.base import Method, cfg_get, cfg_number, register
 
 R_TERMS = ("norm", "scaled")
 
@@ -84,14 +83,6 @@ def psasc_weights(norms: Tensor, clip_norm: float, s: float, r: float, r_term: s
     return w.to(norms.dtype)
 
 
-def _cfg_get(node, key, default):
-    if node is None:
-        return default
-    try:
-        value = node.get(key, default)
-    except AttributeError:
-        value = getattr(node, key, default)
-    return default if value is None else value
 
 
 @register("psasc")
@@ -105,10 +96,10 @@ class PSASC(Method):
         m = cfg.method
         self.s = self._positive(m, "s", 1.0)
         self.r = self._positive(m, "r", 0.01)
-        self.r_term = str(_cfg_get(m, "r_term", "norm"))
+        self.r_term = str(cfg_get(m, "r_term", "norm"))
         if self.r_term not in R_TERMS:
             raise DpftError(f"method.r_term must be one of {', '.join(R_TERMS)}, got {self.r_term!r}")
-        mom = _cfg_get(m, "momentum", None)
+        mom = cfg_get(m, "momentum", None)
         self.gamma = self._number(mom, "gamma", 1.0, "method.momentum.gamma")
         if not 0.0 < self.gamma <= 1.0:
             raise DpftError(f"method.momentum.gamma must be in (0, 1] (1 = no momentum), got {self.gamma}")
@@ -116,7 +107,7 @@ class PSASC(Method):
         if warmup < 0 or warmup != int(warmup):
             raise DpftError(f"method.momentum.warmup (K0) must be an integer >= 0, got {warmup}")
         self.warmup = int(warmup)
-        self.log_norms = bool(_cfg_get(m, "log_norms", True))
+        self.log_norms = bool(cfg_get(m, "log_norms", True))
         self._buf: dict[str, Tensor] | None = None  # v_{t-1}
         self._last_step = 0
         self._pending: list[tuple[Tensor, Tensor]] = []  # (norms, weights) of this step's micro-batches
@@ -124,16 +115,7 @@ class PSASC(Method):
 
     @staticmethod
     def _number(node, key, default, full_key):
-        value = _cfg_get(node, key, default)
-        try:
-            if isinstance(value, bool):
-                raise ValueError
-            value = float(value)
-        except (TypeError, ValueError):
-            raise DpftError(f"{full_key} must be a number, got {value!r}") from None
-        if not math.isfinite(value):
-            raise DpftError(f"{full_key} must be finite, got {value}")
-        return value
+        return cfg_number(node, key, default, full_key)
 
     @classmethod
     def _positive(cls, node, key, default):
