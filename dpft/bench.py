@@ -88,8 +88,9 @@ def bench(cfg, paths: list[str], batch_size: int, length: int, steps: int, warmu
     vocab = int(base.config.vocab_size)
     pbs = int(cfg.runtime.physical_batch_size)
     batch = _batch(batch_size, length, vocab, device)
-    chunks = [Batch(batch.input_ids[i:i + pbs], batch.attention_mask[i:i + pbs], batch.labels[i:i + pbs])
-              for i in range(0, batch_size, pbs)]
+    autocast = cfg.engine.get("autocast")  # engine.autocast=bf16: every path's forward in bf16
+    chunks = [Batch(batch.input_ids[i:i + pbs], batch.attention_mask[i:i + pbs], batch.labels[i:i + pbs],
+                    autocast=autocast) for i in range(0, batch_size, pbs)]
     results = {}
     for path in paths:
         model = copy.deepcopy(base).train()
@@ -103,6 +104,8 @@ def bench(cfg, paths: list[str], batch_size: int, length: int, steps: int, warmu
             if not method.private:
                 raise DpftError(f"bench path {path}: method {name} is not private")
             if mode in ("ghost", "bk") and not method.supports_ghost:
+                continue
+            if mode == "ghost" and autocast is not None:  # refused in training (dpft/config.py)
                 continue
             model = method.prepare_model(model)  # as in training (e.g. grape's projected layers)
             params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -159,7 +162,7 @@ def bench(cfg, paths: list[str], batch_size: int, length: int, steps: int, warmu
             r["mem_ratio"] = r["peak_mem_bytes"] / ref["peak_mem_bytes"] if ref["peak_mem_bytes"] > 0 else None
     return {
         "model": cfg.model.name, "pretrained": bool(cfg.model.pretrained), "peft": cfg.model.get("peft"),
-        "batch_size": batch_size, "length": length, "physical_batch_size": pbs, "optim": cfg.optim.name,
+        "batch_size": batch_size, "length": length, "physical_batch_size": pbs, "optim": cfg.optim.name, "autocast": autocast,
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         "memory": "cuda max_memory_allocated above the pre-step baseline" if device.type == "cuda"
         else "CPU peak RSS above the pre-step baseline (sampled every 1 ms; approximate)",

@@ -167,6 +167,11 @@ def validate(cfg: DictConfig) -> None:
             )
         if cfg.engine.grad_sample_mode not in ("hooks", "ghost", "bk"):
             raise DpftError(f"engine.grad_sample_mode must be hooks, ghost or bk, got {cfg.engine.grad_sample_mode!r}")
+        if cfg.engine.get("autocast") == "bf16" and cfg.engine.grad_sample_mode == "ghost":
+            raise DpftError("engine.autocast=bf16 needs engine.grad_sample_mode=bk or hooks: ghost clipping's second "
+                            "backward recomputes the gradients in bf16, so its clip factors would not be exact")
+    if cfg.engine.get("autocast") not in (None, "bf16"):
+        raise DpftError(f"engine.autocast must be null or bf16, got {cfg.engine.get('autocast')!r}")
     steps, epochs = _num(cfg, "train.steps", int), _num(cfg, "train.epochs")
     if steps is None and epochs is None:
         raise DpftError("set train.steps or train.epochs")

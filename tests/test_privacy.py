@@ -144,3 +144,116 @@ def test_calibration_hits_target_from_below(accountant, eps):
     a.history = [(sigma, q, steps)]
     spent = acct.epsilon_of(a, delta)
     assert 0.95 * eps <= spent <= eps
+
+
+def _bf16(batch):
+    batch.autocast = "bf16"
+    return batch
+
+
+@pytest.mark.parametrize("mode", ["hooks", "bk"])
+def test_bf16_autocast_keeps_the_per_sample_bound_exact(mode):
+    """Under bf16 autocast the norms and the summed gradients are the same stored numbers, so a
+    huge gradient is still clipped to at most C (to fp32 rounding, not bf16's 0.4 %)."""
+    clip = 0.3
+    model, params, method, hooks, opt = _setup(mode, sigma=0.0, clip=clip, batch=1.0, scale_head=1e4)
+    for i in range(3):
+        batch = _bf16(_batch(1, seed=i))
+        with torch.no_grad():
+            from dpft.models import model_inputs
+
+            batch.labels = model(**model_inputs(model, batch.input_ids, batch.attention_mask)).logits.argmin(-1)
+        update = _step(model, params, method, hooks, opt, [batch], mode)
+        norm = math.sqrt(sum(float(u.double().pow(2).sum()) for u in update.values()))
+        assert norm <= clip * (1 + 1e-5), norm
+        assert norm == pytest.approx(clip, rel=1e-3)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "bk"])
+def test_bf16_autocast_clipped_sum_is_close_to_fp32(mode):
+    """Accuracy check of the option: the bf16 step's clipped sum stays within a few percent of fp32's."""
+    updates = {}
+    for precision in ("fp32", "bf16"):
+        model, params, method, hooks, opt = _setup(mode, sigma=0.0, clip=0.05, batch=6.0)
+        batch = _batch(6, seed=3)
+        if precision == "bf16":
+            _bf16(batch)
+        updates[precision] = torch.cat([u.flatten() for u in _step(model, params, method, hooks, opt, [batch], mode).values()])
+    a, b = updates["fp32"], updates["bf16"]
+    assert not torch.equal(a, b)  # autocast really ran the forward in bf16
+    assert float((a - b).norm() / a.norm()) < 0.05
+    assert float(torch.nn.functional.cosine_similarity(a, b, dim=0)) > 0.998
+
+
+def test_bf16_autocast_with_ghost_clipping_is_refused(dpft):
+    r = dpft("train", "debug=tiny", "engine.autocast=bf16", "engine.grad_sample_mode=ghost")
+    assert r.exit_code == 2 and "needs engine.grad_sample_mode=bk or hooks" in r.stderr
+    r = dpft("train", "debug=tiny", "engine.autocast=fp8")
+    assert r.exit_code == 2 and "engine.autocast must be null or bf16" in r.stderr
+
+
+def test_bf16_autocast_end_to_end_tracks_fp32(dpft):
+    from conftest import read_run, run_dirs
+
+    losses = {}
+    for precision in ("null", "bf16"):
+        out = dpft.output_dir / precision
+        r = dpft("train", "debug=tiny", "engine.grad_sample_mode=bk", f"engine.autocast={precision}",
+                 "train.eval_every=null", output_dir=out)
+        assert r.exit_code == 0, r.stderr
+        (run,) = run_dirs(out)
+        metrics, summary, _ = read_run(run)
+        losses[precision] = [m["train/loss"] for m in metrics]
+        assert summary["privacy"]["epsilon"] <= 8.0
+    assert losses["null"] != losses["bf16"]
+    for a, b in zip(losses["null"], losses["bf16"]):
+        assert b == pytest.approx(a, rel=0.02)
+
+
+class _CancellingTokens(torch.nn.Module):
+    """Adversarial for ghost norms: two tokens with the same activation a whose output gradients
+    are g and −(1−ε)g, so the example's weight gradient ε·g·aᵀ is tiny next to its per-token terms.
+    The Gram-matrix ghost norm Σ_ts (g_t·g_s)(a_t·a_s) cancels catastrophically in fp32."""
+
+    def __init__(self, eps=1e-4, d=64):
+        import types
+
+        super().__init__()
+        self.config = types.SimpleNamespace(model_type="toy")
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(10, d)
+        self.emb.weight.requires_grad_(False)
+        with torch.no_grad():
+            self.emb.weight.mul_(100)
+        self.lin = torch.nn.Linear(d, d, bias=False)
+        self.register_buffer("head", torch.randn(d) * 100)
+        self.register_buffer("coef", torch.tensor([1.0, -(1.0 - eps)]))
+
+    def forward(self, input_ids, attention_mask, position_ids=None):
+        import types
+
+        out = (self.lin(self.emb(input_ids)) @ self.head * self.coef).sum(1)
+        return types.SimpleNamespace(logits=torch.stack([out, -out], -1))
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "bk"])
+def test_ghost_norm_cancellation_cannot_unclip_an_example(mode):
+    """The true per-sample norm here is ≈ 27 C; fp32 ghost norms computed it as 0 (factor 1), so
+    the example entered the sum unclipped at 27× the sensitivity."""
+    clip = 1.0
+    model = _CancellingTokens().train()
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    spec = compose_run(["debug=tiny", f"engine.grad_sample_mode={mode}"])
+    method = build_method(spec.cfg)
+    method.setup(model, params, PrivacyParams(sigma=0.0, clip_norm=clip, sample_rate=0.1, expected_batch_size=1.0,
+                                              steps=1, delta=1e-5))
+    hooks = attach_hooks(model, mode, clip)
+    opt = torch.optim.SGD(list(params.values()), lr=1.0)
+    batch = Batch(torch.tensor([[3, 3]]), torch.ones(1, 2, dtype=torch.long), torch.tensor([1]))
+    try:
+        update = _step(model, params, method, hooks, opt, [batch], mode)
+    finally:
+        hooks.cleanup()
+    norm = math.sqrt(sum(float(u.double().pow(2).sum()) for u in update.values()))
+    assert norm <= clip * (1 + 1e-4), norm
+    assert norm == pytest.approx(clip, rel=1e-3)  # clipped (true norm ≈ 27 C), not zeroed

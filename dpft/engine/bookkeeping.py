@@ -30,9 +30,37 @@ from torch import Tensor, nn
 BK_TYPES = (nn.Linear, nn.Embedding)
 
 
+def _fp32(tensors: list[Tensor]) -> list[Tensor]:
+    return [t.float() if t.is_floating_point() else t for t in tensors]
+
+
+def linear_norm_sample_fp64(layer: nn.Linear, activations: list[Tensor], backprops: Tensor) -> dict:
+    """Opacus' Linear ghost norm ‖Σ_t g_t a_tᵀ‖² = Σ_ts (g_t·g_s)(a_t·a_s), with the Gram matrices
+    in float64. PRIVACY FIX: in fp32 the Gram contraction cancels catastrophically when an
+    example's per-token terms nearly cancel (error ≈ 1e-7·(Σ_t‖g_t‖‖a_t‖)², not relative to the
+    true norm): a crafted example with true norm 27·C got norm 0, factor 1, and entered the sum
+    unclipped (tests/test_privacy.py::test_ghost_norm_cancellation_cannot_unclip_an_example)."""
+    from opacus.grad_sample.linear import compute_linear_norm_sample
+
+    norms = compute_linear_norm_sample(layer, [activations[0].double()], backprops.double())
+    return {p: n.float() for p, n in norms.items()}
+
+
+# dpft's ghost/bk norm samplers: Opacus' own, with the Linear one in float64 (above)
+NORM_SAMPLERS = {**GradSampleHooksFastGradientClipping.NORM_SAMPLERS, nn.Linear: linear_norm_sample_fp64}
+
+
+class GhostHooks(GradSampleHooksFastGradientClipping):
+    """Opacus' ghost-clipping hooks (engine.grad_sample_mode=ghost) with dpft's norm samplers."""
+
+    NORM_SAMPLERS = NORM_SAMPLERS
+
+
 class BookKeepingHooks(GradSampleHooksFastGradientClipping):
     """Opacus' ghost-clipping hooks that also keep (A, B) of Linear/Embedding layers and the
     per-sample gradients of the other layers, for `clipped_sum`."""
+
+    NORM_SAMPLERS = NORM_SAMPLERS  # float64 Linear ghost norms (linear_norm_sample_fp64)
 
     def __init__(self, model: nn.Module, **kw):
         super().__init__(model, use_ghost_clipping=True, **kw)
@@ -46,6 +74,9 @@ class BookKeepingHooks(GradSampleHooksFastGradientClipping):
         activations, backprops = self.rearrange_grad_samples(module=module, backprops=backprops,
                                                              loss_reduction=loss_reduction, batch_first=batch_first)
         if isinstance(module, BK_TYPES) and type(module) in self.NORM_SAMPLERS:
+            # norms in fp32 from the kept (possibly bf16) A and B; `clipped_sum` upcasts the same
+            # kept values, so the clip factors are exact for what is summed (bf16 autocast too)
+            activations, backprops = _fp32(activations), backprops.float()
             for param, ns in self.NORM_SAMPLERS[type(module)](module, activations, backprops).items():
                 if param.requires_grad:
                     param._norm_sample = ns
@@ -58,6 +89,7 @@ class BookKeepingHooks(GradSampleHooksFastGradientClipping):
             for param, gs in grad_sampler(module, activations, backprops).items():
                 if not param.requires_grad:
                     continue
+                gs = gs.float()  # the norm and the sum below see the same fp32 numbers
                 # a parameter used twice in one forward (tying) accumulates its per-sample gradient
                 self.samples[param] = self.samples[param] + gs if param in self.samples else gs
                 param._norm_sample = self.samples[param].reshape(len(gs), -1).norm(2, dim=-1)

@@ -33,6 +33,7 @@ class Batch:
     labels: Tensor  # [b] class ids, or [b, T] next-token targets (-100 = no loss) for causal LMs
     token_type_ids: Tensor | None = None
     loss_reduction: str = "mean"  # causal LMs: per-sequence "mean" or "sum" over target tokens
+    autocast: str | None = None  # "bf16": the forward runs under bf16 autocast (engine.autocast)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -42,7 +43,10 @@ def per_sample_loss(model: nn.Module, batch: Batch) -> Tensor:
     """Loss of each example (the privacy unit), shape [b]. For a causal LM (2-D labels) one
     example is one sequence: its token losses over the target tokens are reduced to one number
     per sequence, so per-sample gradients and clipping act on whole (table, text) examples."""
-    out = model(**model_inputs(model, batch.input_ids, batch.attention_mask, batch.token_type_ids))
+    # autocast wraps the forward only: backward follows the forward's dtypes, and clipping, noise
+    # and post-processing stay in fp32
+    with torch.autocast(batch.input_ids.device.type, dtype=torch.bfloat16, enabled=batch.autocast == "bf16"):
+        out = model(**model_inputs(model, batch.input_ids, batch.attention_mask, batch.token_type_ids))
     if batch.labels.dim() == 2:
         nll, count = token_nll(out.logits, batch.labels)
         return nll if batch.loss_reduction == "sum" else nll / count.clamp_min(1)
@@ -75,7 +79,9 @@ def _clipped_sum_hooks(model, batch, method, params, clipped) -> tuple[Tensor, T
     factors = method.clip_factors(sq_norms)
     for k, (name, p) in enumerate(params.items()):
         w = factors if factors.dim() == 1 else factors[k]
-        clipped[name].add_(torch.einsum("b,b...->...", w.to(p.grad_sample.dtype), p.grad_sample))
+        # fp32, like the norms: under bf16 autocast the bound ‖w_i g_i‖ ≤ C must hold for the very
+        # numbers whose norms set w_i, not for a bf16 re-rounding of them
+        clipped[name].add_(torch.einsum("b,b...->...", w.float(), p.grad_sample.float()))
         p.grad_sample = None
         p.grad = None
     return losses.detach(), sq_norms.sum(0).sqrt(), factors

@@ -223,15 +223,17 @@ def _eval_steps(cfg, steps: int) -> set[int]:
     return out
 
 
-def _chunks(enc: Encoded, idx: list[int], size: int, device) -> list[Batch]:
-    return [enc.batch(idx[i:i + size], device) for i in range(0, len(idx), size)]
+def _chunks(enc: Encoded, idx: list[int], size: int, device, autocast: str | None = None) -> list[Batch]:
+    chunks = [enc.batch(idx[i:i + size], device) for i in range(0, len(idx), size)]
+    for c in chunks:
+        c.autocast = autocast
+    return chunks
 
 
 def attach_hooks(model, mode: str, clip_norm: float):
     """Opacus per-sample machinery attached *without wrapping* the model, so HF methods and
     attribute access keep working."""
     from opacus.grad_sample import GradSampleHooks
-    from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import GradSampleHooksFastGradientClipping
     from opacus.validators import ModuleValidator
 
     errors = ModuleValidator.validate(model, strict=False)
@@ -243,8 +245,12 @@ def attach_hooks(model, mode: str, clip_norm: float):
         from dpft.engine.bookkeeping import BookKeepingHooks
 
         return BookKeepingHooks(model, batch_first=True, loss_reduction="sum", strict=False, max_grad_norm=clip_norm)
-    return GradSampleHooksFastGradientClipping(model, batch_first=True, loss_reduction="sum", strict=False,
-                                               max_grad_norm=clip_norm, use_ghost_clipping=True)
+    # Opacus' ghost hooks with float64 Linear ghost norms (fp32 ones can unclip a crafted example;
+    # dpft/engine/bookkeeping.py linear_norm_sample_fp64)
+    from dpft.engine.bookkeeping import GhostHooks
+
+    return GhostHooks(model, batch_first=True, loss_reduction="sum", strict=False,
+                      max_grad_norm=clip_norm, use_ghost_clipping=True)
 
 
 def run(prep: Prepared, run_path: Path, tracker, progress, resume: dict | None = None) -> dict:
@@ -336,7 +342,7 @@ def run(prep: Prepared, run_path: Path, tracker, progress, resume: dict | None =
             idx = next(batches)
             if dist is not None:  # every rank drew the same logical batch; each clips its shard
                 idx = dist.shard(idx)
-            chunks = _chunks(prep.train_enc, idx, pbs, device)
+            chunks = _chunks(prep.train_enc, idx, pbs, device, cfg.engine.get("autocast"))
             if step == start:
                 before = {n: float(p.detach().double().sum()) for n, p in params.items()}
             ts = time.perf_counter()

@@ -786,7 +786,9 @@ class Denoise(Method):
                  "on" if self.norm_correction else "off")
 
     def _gen(self, device: torch.device) -> torch.Generator:
-        key = str(device)
+        # keyed by device type: a checkpoint written by data-parallel rank 0 ("cuda:0") restores
+        # on rank r's own GPU (torch.device("cuda") is the rank's current device)
+        key = device.type
         if key not in self._gens:
             # own stream: the fast path's random starts must not shift dropout or the noise draws
             self._gens[key] = torch.Generator(device=device).manual_seed(self.seed + 7919)
@@ -859,4 +861,4 @@ class Denoise(Method):
     def load_state_dict(self, state: dict) -> None:
         self.failures_total = int(state.get("svd_failures_total", 0))
         for k, st in state.get("generators", {}).items():
-            self._gen(torch.device(k)).set_state(st)
+            self._gen(torch.device(torch.device(k).type)).set_state(st)
