@@ -188,7 +188,16 @@ def label_of(job: Job, key: str, flat: dict | None = None) -> str:
     node = job.config.get(key)
     if isinstance(node, dict) and "name" in node:
         return fmt_label(node["name"])
-    raise DpftError(f"report key '{key}' is neither a config value nor a config group of this sweep's jobs")
+    return MISSING  # e.g. a method's own knob on a baseline row (a grid block without it)
+
+
+MISSING = "—"
+
+
+def _check_keys(keys, labels: dict[str, dict[str, str]]) -> None:
+    for k in keys:
+        if labels and all(lab[k] == MISSING for lab in labels.values()):
+            raise DpftError(f"report key '{k}' is neither a config value nor a config group of this sweep's jobs")
 
 
 def _ordered_unique(items):
@@ -272,6 +281,7 @@ def load_runs(plan: Plan, spec: ReportSpec) -> tuple[list[RunData], list[Job], d
     for job in plan.jobs:
         flat = _flat(job.config)
         labels[job.run_id] = {k: label_of(job, k, flat) for k in keys}
+    _check_keys(keys, labels)
     _add_unlisted_axes(spec, plan, labels)
     runs, missing = [], []
     for job in plan.jobs:

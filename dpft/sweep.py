@@ -38,7 +38,7 @@ class SweepFile:
     name: str
     path: Path
     overrides: list[str]
-    grid: dict[str, str]
+    grid: list[dict[str, str]]  # blocks: the plan is the union of each block's Cartesian product
     report: dict
     text: str
 
@@ -108,13 +108,18 @@ def parse_sweep_text(text: str, name: str, path: Path) -> SweepFile:
     if not isinstance(overrides, list) or not all(isinstance(o, (str, int, float, bool)) for o in overrides):
         raise DpftError(f"sweep {name}: 'overrides' must be a list of Hydra overrides (key=value strings)")
     grid = data.get("grid") or {}
-    if not isinstance(grid, dict):
-        raise DpftError(f"sweep {name}: 'grid' must map override keys to sweeps, e.g. `seed: range(0,3)`")
+    # one mapping, or a list of mappings (blocks) for tables whose rows need different keys, e.g.
+    # a DP-SGD baseline beside a method's own hyper-parameter axes
+    blocks = grid if isinstance(grid, list) else [grid]
+    if not blocks or not all(isinstance(b, dict) for b in blocks):
+        raise DpftError(f"sweep {name}: 'grid' must map override keys to sweeps, e.g. `seed: range(0,3)`, "
+                        "or be a list of such mappings (blocks)")
     report = data.get("report") or {}
     if not isinstance(report, dict):
         raise DpftError(f"sweep {name}: 'report' must be a mapping")
     return SweepFile(name=name, path=path, overrides=[str(o) for o in overrides],
-                     grid={str(k): _grid_value(str(k), v) for k, v in grid.items()}, report=report, text=text)
+                     grid=[{str(k): _grid_value(str(k), v) for k, v in b.items()} for b in blocks],
+                     report=report, text=text)
 
 
 def _read_sweep_text(path: Path) -> str:
@@ -137,8 +142,31 @@ def _one_line(e: BaseException) -> str:
 
 
 def expand(sweep: SweepFile, cli_overrides: Iterable[str] = ()) -> tuple[list[list[str]], list[str]]:
-    """Cartesian product of file overrides, grid and CLI overrides (later sources replace earlier
-    ones key by key, keeping the axis' position). Returns (override lists, swept keys)."""
+    """For each grid block, the Cartesian product of file overrides, the block and CLI overrides
+    (later sources replace earlier ones key by key, keeping the axis' position); blocks in file
+    order. Returns (override lists, swept keys)."""
+    jobs, axes = [], []
+    for i, block in enumerate(sweep.grid):
+        where = "grid" if len(sweep.grid) == 1 else f"grid[{i}]"
+        j, a = _expand_block(sweep, block, where, cli_overrides)
+        jobs += j
+        axes += [k for k in a if k not in axes]
+    if len(sweep.grid) > 1:  # a key fixed inside each block but different across blocks is an axis too
+        values: dict[str, set] = {}
+        for job in jobs:
+            kv = dict(o.split("=", 1) for o in job if "=" in o)
+            for k in {k for jb in jobs for o in jb if "=" in o for k in [o.split("=", 1)[0]]}:
+                values.setdefault(k, set()).add(kv.get(k))
+        order = [o.split("=", 1)[0] for jb in jobs for o in jb if "=" in o]
+        for k in dict.fromkeys(order):
+            # a knob only some blocks set (a method's own, absent on baseline rows) is not an axis
+            if len(values[k] - {None}) > 1 and k not in axes:
+                axes.append(k)
+    return jobs, axes
+
+
+def _expand_block(sweep: SweepFile, block: dict[str, str], where_grid: str,
+                  cli_overrides: Iterable[str]) -> tuple[list[list[str]], list[str]]:
     from hydra import initialize_config_dir
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.global_hydra import GlobalHydra
@@ -152,7 +180,7 @@ def expand(sweep: SweepFile, cli_overrides: Iterable[str] = ()) -> tuple[list[li
         if tok.startswith("-"):
             raise DpftError(f"unknown option '{tok}'; Hydra overrides look like key=value, +key=value, ~key")
     sources = [("overrides", o) for o in sweep.overrides]
-    sources += [(f"grid.{k}", f"{k}={v}") for k, v in sweep.grid.items()]
+    sources += [(f"{where_grid}.{k}", f"{k}={v}") for k, v in block.items()]
     sources += [("command line", o) for o in cli]
 
     if GlobalHydra.instance().is_initialized():

@@ -23,7 +23,7 @@ from dpft.sweep import (PACKAGE_SWEEPS, expand, job_state, list_sweeps, load_swe
 
 # Expected sizes of the shipped grids: changing one of these files should be a deliberate act.
 SHIPPED = {"kappa": 6 * 2 * 3, "norm-correction": 2 * 2 * 3, "denoise-glue": 4 * 2 * 2 * 3, "smoke": 2 * 2,
-           "psasc": 48, "anadp": 144, "grape": 2 * 2 * 4 * 3, "denoise-generation": 2 * 2 * 2 * 3}
+           "psasc": 54, "anadp": 144, "grape": 2 * 2 * 4 * 3, "denoise-generation": 2 * 2 * 2 * 3}
 ALL = sorted(p.stem for p in PACKAGE_SWEEPS.glob("*.yaml"))  # files other engineers add are checked too
 # Tiny jobs: random-init tiny BERT on the synthetic task; non-private runs take ~1-3 s after imports.
 TINY = "overrides: [debug=tiny, method=nonprivate, train.steps=3, train.eval_every=null]\n"
@@ -72,8 +72,10 @@ def test_shipped_sweep_expands(name):
     assert len(points) == SHIPPED.get(name, len(points)) > 0
     assert len({tuple(p) for p in points}) == len(points)
     assert points == expand(sweep)[0], "expansion must be deterministic"
-    for key in sweep.grid:
-        assert key in axes
+    for block in sweep.grid:
+        for key, value in block.items():
+            if any(t in value for t in (",", "range(", "choice(", "glob(")):
+                assert key in axes, key
     if name in ("kappa", "norm-correction", "denoise-glue"):
         assert all("train.eval_at=[50,100,200,400]" in p for p in points)
     if name == "kappa":
@@ -107,9 +109,8 @@ def test_shipped_sweep_composes_with_stable_ids(name):
     spec = rp.parse_report(sweep.report, Plan(name, jobs, Path("unused")))
     keys = spec.rows + spec.cols + spec.over + rp._as_list(spec.curves.get("hue"), "hue") + \
         rp._as_list(spec.curves.get("panels"), "panels")
-    for job in jobs:
-        for key in keys:
-            rp.label_of(job, key)
+    for key in keys:  # every report key labels at least one job (a block may lack a method's knob)
+        assert any(rp.label_of(job, key) != rp.MISSING for job in jobs), key
 
 
 @pytest.mark.slow
@@ -326,3 +327,36 @@ def test_submitit_local_executor(tmp_path):
     [job] = read_plan(out, "tiny").jobs
     assert job_state(out, job.run_id) == "done"
     assert list((out / "sweeps" / "tiny" / "submitit").glob("*/*_result.pkl"))
+
+
+def test_grid_blocks_put_a_baseline_beside_a_methods_own_axes(tmp_path):
+    """`grid` as a list of blocks: DP-SGD rows (no s key) and PSASC rows swept over s, one plan,
+    one report; the baseline's cells for the method's knob read —."""
+    out = tmp_path / "out"
+    text = ("overrides: [debug=tiny, train.steps=2, train.eval_every=null]\n"
+            "grid:\n"
+            "  - method: dpsgd\n"
+            "  - method: psasc\n"
+            "    method.s: 0.5,1.0\n"
+            "report:\n  rows: [method, method.s]\n  measures: [final]\n")
+    path = sweep_file(tmp_path, text)
+    points, axes = expand(load_sweep(str(path)))
+    assert len(points) == 3 and "method.s" in axes
+    runner = CliRunner()
+    res = runner.invoke(app, ["sweep", str(path), f"paths.output_dir={out}", "-e", "inline"])
+    assert res.exit_code == 0, res.output
+    assert [job_state(out, j.run_id) for j in read_plan(out, "tiny").jobs] == ["done"] * 3
+    res = runner.invoke(app, ["report", str(path), f"paths.output_dir={out}"])
+    assert res.exit_code == 0, res.output
+    md = next(out.glob("reports/tiny/*.md")).read_text()
+    rows = [line for line in md.splitlines() if line.startswith("|") and ("dpsgd" in line or "psasc" in line)]
+    assert len(rows) == 3
+    assert any("dpsgd" in r and "—" in r for r in rows)
+    assert sum("psasc" in r for r in rows) == 2
+
+
+@pytest.mark.parametrize("grid", ["[{seed: 1}, 3]", "[[1, 2]]", "[{seed: 1}, {seed: }]"])
+def test_bad_grid_blocks_are_one_line_errors(tmp_path, grid):
+    path = sweep_file(tmp_path, TINY + f"grid: {grid}\n")
+    res = CliRunner().invoke(app, ["sweep", str(path), "--dry-run"])
+    assert res.exit_code == 2 and "error:" in res.output and "Traceback" not in res.output
