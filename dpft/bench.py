@@ -74,6 +74,18 @@ def _batch(b: int, length: int, vocab: int, device, seed: int = 0) -> Batch:
                  torch.randint(0, 2, (b,), generator=g).to(device))
 
 
+def parse_path(path: str) -> tuple[str, str]:
+    """`<method>-hooks|ghost|bk` or `<method>` (hooks) -> (method, mode); one-line error otherwise."""
+    from dpft.config import GRAD_SAMPLE_MODES
+
+    name, _, mode = path.rpartition("-")
+    if not name:
+        return path, "hooks"
+    if mode not in GRAD_SAMPLE_MODES:
+        raise DpftError(f"bench path '{path}': expected nonprivate, <method> or <method>-hooks|ghost|bk")
+    return name, mode
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -97,8 +109,7 @@ def bench(cfg, paths: list[str], batch_size: int, length: int, steps: int, warmu
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         hooks = method = None
         if path != "nonprivate":
-            mode = path.rsplit("-", 1)[1] if path.rsplit("-", 1)[-1] in ("hooks", "ghost", "bk") else "hooks"
-            name = path.rsplit("-", 1)[0]
+            name, mode = parse_path(path)
             mcfg = cfg if name == cfg.method.name else _with_method(cfg, name)
             method = build_method(mcfg)
             if not method.private:

@@ -354,6 +354,7 @@ def bench(
     import json as _json
 
     from dpft.bench import bench as run_bench
+    from dpft.bench import parse_path
     from dpft.config import compose_run
     from dpft.engine.train import resolve_device
 
@@ -365,9 +366,9 @@ def bench(
     path_list = [p.strip() for p in paths.split(",") if p.strip()]
     if not path_list:
         raise DpftError("--paths is empty; e.g. --paths nonprivate,dpsgd-hooks,dpsgd-ghost")
-    for p in path_list:
-        if "-" in p and p.rsplit("-", 1)[1] not in ("hooks", "ghost", "bk"):
-            raise DpftError(f"bench path '{p}': expected nonprivate, <method> or <method>-hooks|ghost|bk")
+    for p in path_list:  # all paths checked before any is timed
+        if p != "nonprivate":
+            parse_path(p)
     out = run_bench(spec.cfg, path_list, batch, length, steps, warmup, device)
     if as_json:
         typer.echo(_json.dumps(out, indent=2, sort_keys=True))

@@ -21,6 +21,7 @@ from dpft.errors import DpftError
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 # Keys that never change what a run computes: where it logs, which device, how it batches in memory.
+GRAD_SAMPLE_MODES = ("hooks", "ghost", "bk")  # dpft/engine/step.py: materialised, ghost norms, book-keeping
 NON_SEMANTIC_KEYS = ("logger", "paths", "runtime", "launcher", "nproc")
 GROUPS = ("method", "model", "task", "privacy", "optim", "logger", "debug")
 
@@ -165,7 +166,7 @@ def validate(cfg: DictConfig) -> None:
                 f"privacy.sampling={cfg.privacy.sampling!r}: the accountants assume Poisson sampling, "
                 "which is the only scheme dpft trains DP methods with"
             )
-        if cfg.engine.grad_sample_mode not in ("hooks", "ghost", "bk"):
+        if cfg.engine.grad_sample_mode not in GRAD_SAMPLE_MODES:
             raise DpftError(f"engine.grad_sample_mode must be hooks, ghost or bk, got {cfg.engine.grad_sample_mode!r}")
         if cfg.engine.get("autocast") == "bf16" and cfg.engine.grad_sample_mode == "ghost":
             raise DpftError("engine.autocast=bf16 needs engine.grad_sample_mode=bk or hooks: ghost clipping's second "

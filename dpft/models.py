@@ -77,23 +77,26 @@ def load_classifier(model_cfg, num_labels: int, seed: int) -> nn.Module:
     from transformers.utils import logging as hf_logging
 
     torch.manual_seed(seed)  # the classifier head's init is part of the run
-    config = _config(model_cfg, num_labels)
-    dtype = getattr(torch, model_cfg.dtype)
     hf_logging.set_verbosity_error()
-    if model_cfg.pretrained:
-        path = resolve_path(model_cfg.name_or_path)
-        try:
-            model = AutoModelForSequenceClassification.from_pretrained(path, config=config, dtype=dtype)
-        except Exception as e:
-            if Path(str(path)).is_dir():
-                raise DpftError(f"cannot load model from {path}: {' '.join(str(e).split())[:200]}") from None
-            raise DpftError(_offline_hint("model", model_cfg.name_or_path)) from None
-    else:
-        try:
-            model = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
-        except ValueError as e:  # e.g. hidden_size not a multiple of num_attention_heads
-            raise DpftError(f"model.arch: {' '.join(str(e).split())}") from None
-    return model
+    try:
+        return _instantiate(AutoModelForSequenceClassification, model_cfg, _config(model_cfg, num_labels))
+    except ValueError as e:  # e.g. hidden_size not a multiple of num_attention_heads
+        raise DpftError(f"model.arch: {' '.join(str(e).split())}") from None
+
+
+def _instantiate(auto_cls, model_cfg, config) -> nn.Module:
+    """Pretrained weights (hub id, local dir or package) or the same architecture at random init.
+    A pretrained load that fails is one line; ValueError from a bad architecture propagates."""
+    dtype = getattr(torch, model_cfg.dtype)
+    if not model_cfg.pretrained:
+        return auto_cls.from_config(config, dtype=dtype)
+    path = resolve_path(model_cfg.name_or_path)
+    try:
+        return auto_cls.from_pretrained(path, config=config, dtype=dtype)
+    except Exception as e:
+        if Path(str(path)).is_dir():
+            raise DpftError(f"cannot load model from {path}: {' '.join(str(e).split())[:200]}") from None
+        raise DpftError(_offline_hint("model", model_cfg.name_or_path)) from None
 
 
 def model_inputs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
@@ -154,20 +157,9 @@ def load_causal_lm(model_cfg, seed: int, untie: bool = False) -> nn.Module:
         raise DpftError(f"model {model_cfg.name} is not a causal LM; generation tasks need one "
                         f"(model=tiny-gpt2, gpt2, gpt2-medium, qwen2.5-0.5b, llama-3.2-1b, smollm2-135m)")
     torch.manual_seed(seed)
-    config = _config(model_cfg, 2)
-    dtype = getattr(torch, model_cfg.dtype)
     hf_logging.set_verbosity_error()
     try:
-        if model_cfg.pretrained:
-            path = resolve_path(model_cfg.name_or_path)
-            try:
-                model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype)
-            except Exception as e:
-                if Path(str(path)).is_dir():
-                    raise DpftError(f"cannot load model from {path}: {' '.join(str(e).split())[:200]}") from None
-                raise DpftError(_offline_hint("model", model_cfg.name_or_path)) from None
-        else:
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = _instantiate(AutoModelForCausalLM, model_cfg, _config(model_cfg, 2))
     except ValueError as e:  # an architecture without a causal-LM head
         raise DpftError(f"model {model_cfg.name}: not a causal LM ({' '.join(str(e).split())[:160]})") from None
     if untie:

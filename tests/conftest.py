@@ -66,3 +66,56 @@ def read_run(path: Path) -> tuple[list[dict], dict, dict]:
     summary = json.loads((path / "summary.json").read_text())
     meta = json.loads((path / "meta.json").read_text())
     return metrics, summary, meta
+
+
+# -- one DP step on the tiny model, for the privacy tests of the engine and the methods ------------
+
+def tiny_dp(*overrides, mode="hooks", sigma=1.0, clip=1.0, batch=8.0, scale_head=None, steps=1, lr=1.0,
+            method_optimizer=False):
+    """(model, params, method, hooks, optimizer) for `dp_step` on debug=tiny with `overrides`.
+    `scale_head` multiplies the classifier (adversarial, huge gradients). The optimizer is SGD with
+    `lr` (lr=1: the update is exactly minus the privatised mean), or the method's own."""
+    import torch
+
+    from dpft.config import compose_run
+    from dpft.engine.train import attach_hooks
+    from dpft.methods import PrivacyParams, build_method
+    from dpft.models import load_classifier
+
+    spec = compose_run(["debug=tiny", f"engine.grad_sample_mode={mode}", *overrides])
+    model = load_classifier(spec.cfg.model, 2, seed=0)
+    if scale_head is not None:
+        with torch.no_grad():
+            model.classifier.weight.mul_(scale_head)
+    model.train()
+    method = build_method(spec.cfg)
+    model = method.prepare_model(model)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    method.setup(model, params, PrivacyParams(sigma=sigma, clip_norm=clip, sample_rate=0.1,
+                                              expected_batch_size=batch, steps=steps, delta=1e-5))
+    hooks = attach_hooks(model, mode, clip)
+    opt = (method.build_optimizer(params, spec.cfg.optim) if method_optimizer
+           else torch.optim.SGD(list(params.values()), lr=lr))
+    return model, params, method, hooks, opt
+
+
+def tiny_batch(b=6, t=12, seed=0):
+    import torch
+
+    from dpft.engine.step import Batch
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, 5000, (b, t), generator=g)
+    return Batch(ids, torch.ones(b, t, dtype=torch.long), torch.randint(0, 2, (b,), generator=g))
+
+
+def sgd_update(model, params, method, hooks, opt, chunks, mode, step=1, seed=0):
+    """One dp_step; with SGD at lr=1 the returned update is exactly minus the privatised mean gradient."""
+    import torch
+
+    from dpft.engine.step import dp_step
+
+    before = {n: p.detach().clone() for n, p in params.items()}
+    dp_step(model=model, chunks=chunks, method=method, params=params, optimizer=opt,
+            noise_generator=torch.Generator().manual_seed(seed), mode=mode, hooks=hooks, step=step, alignment=False)
+    return {n: before[n] - p.detach() for n, p in params.items()}

@@ -9,48 +9,26 @@ import math
 import pytest
 import torch
 
-from conftest import read_run, run_dirs
+from conftest import read_run, run_dirs, sgd_update, tiny_batch, tiny_dp
 from dpft.config import compose_run
 from dpft.engine import accountant as acct
-from dpft.engine.step import Batch, dp_step
-from dpft.engine.train import attach_hooks
 from dpft.errors import DpftError
-from dpft.methods import PrivacyParams, build_method
+from dpft.methods import build_method
 from dpft.methods.anadp import allocate, group_names, shares_from_scores, sigma_eff
-from dpft.models import load_classifier, model_inputs
+from dpft.models import model_inputs
 
 TINY = ["debug=tiny", "method=anadp", "engine.grad_sample_mode=hooks", "runtime.progress=none"]
 
 
 def _setup(sigma=1.0, clip=1.0, batch=8.0, scale_head=None, extra=()):
-    spec = compose_run(["debug=tiny", "method=anadp", "engine.grad_sample_mode=hooks", *extra])
-    model = load_classifier(spec.cfg.model, 2, seed=0)
-    if scale_head is not None:  # adversarial: huge gradients in the head
-        with torch.no_grad():
-            model.classifier.weight.mul_(scale_head)
-    model.train()
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    method = build_method(spec.cfg)
-    method.setup(model, params, PrivacyParams(sigma=sigma, clip_norm=clip, sample_rate=0.1,
-                                              expected_batch_size=batch, steps=1, delta=1e-5))
-    hooks = attach_hooks(model, "hooks", clip)
-    opt = torch.optim.SGD(list(params.values()), lr=1.0)
-    return model, params, method, hooks, opt
+    return tiny_dp("method=anadp", *extra, sigma=sigma, clip=clip, batch=batch, scale_head=scale_head)
 
 
-def _batch(b=6, t=12, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1000, 5000, (b, t), generator=g)
-    return Batch(ids, torch.ones(b, t, dtype=torch.long), torch.randint(0, 2, (b,), generator=g))
+_batch = tiny_batch
 
 
 def _step(model, params, method, hooks, opt, chunks, step=1, seed=0):
-    before = {n: p.detach().clone() for n, p in params.items()}
-    gen = torch.Generator().manual_seed(seed)
-    dp_step(model=model, chunks=chunks, method=method, params=params, optimizer=opt, noise_generator=gen,
-            mode="hooks", hooks=hooks, step=step, alignment=False)
-    # SGD with lr=1: the update is exactly minus the privatised mean gradient
-    return {n: before[n] - p.detach() for n, p in params.items()}
+    return sgd_update(model, params, method, hooks, opt, chunks, "hooks", step=step, seed=seed)
 
 
 def _random_shares(g, seed):

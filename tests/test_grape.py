@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 
-from conftest import read_run, run_dirs
+from conftest import read_run, run_dirs, tiny_batch, tiny_dp
 from dpft.config import compose_run
 from dpft.engine import accountant as acct
-from dpft.engine.step import Batch, dp_step, per_sample_loss
+from dpft.engine.step import dp_step, per_sample_loss
 from dpft.engine.train import attach_hooks
 from dpft.errors import DpftError
 from dpft.methods import PrivacyParams, build_method
@@ -20,27 +20,12 @@ from dpft.methods.grape import GrapeAdam, Projector, ProjectedLinear
 from dpft.models import load_classifier, model_inputs
 
 
-def _batch(b=6, t=12, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1000, 5000, (b, t), generator=g)
-    return Batch(ids, torch.ones(b, t, dtype=torch.long), torch.randint(0, 2, (b,), generator=g))
+_batch = tiny_batch
 
 
 def _setup(*overrides, mode="hooks", sigma=1.0, clip=1.0, batch=8.0, scale_head=None):
-    spec = compose_run(["debug=tiny", "method=grape", f"engine.grad_sample_mode={mode}", *overrides])
-    model = load_classifier(spec.cfg.model, 2, seed=0)
-    if scale_head is not None:  # adversarial: huge gradients
-        with torch.no_grad():
-            model.classifier.weight.mul_(scale_head)
-    model.train()
-    method = build_method(spec.cfg)
-    model = method.prepare_model(model)
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    method.setup(model, params, PrivacyParams(sigma=sigma, clip_norm=clip, sample_rate=0.1,
-                                              expected_batch_size=batch, steps=100, delta=1e-5))
-    hooks = attach_hooks(model, mode, clip)
-    opt = method.build_optimizer(params, spec.cfg.optim)
-    return model, params, method, hooks, opt
+    return tiny_dp("method=grape", *overrides, mode=mode, sigma=sigma, clip=clip, batch=batch,
+                   scale_head=scale_head, steps=100, method_optimizer=True)
 
 
 def _step(model, params, method, hooks, opt, chunks, mode, step=1, seed=0):

@@ -8,45 +8,21 @@ import math
 import pytest
 import torch
 
+from conftest import sgd_update, tiny_batch, tiny_dp
 from dpft.config import compose_run
 from dpft.engine import accountant as acct
-from dpft.engine.step import Batch, dp_step
+from dpft.engine.step import Batch
 from dpft.engine.train import attach_hooks
 from dpft.errors import DpftError
 from dpft.methods import PrivacyParams, build_method
 from dpft.methods.base import clip_flat
-from dpft.models import load_classifier
 
 
 def _setup(mode="hooks", sigma=1.0, clip=1.0, batch=8.0, lr=1.0, scale_head=None):
-    spec = compose_run(["debug=tiny", f"engine.grad_sample_mode={mode}"])
-    model = load_classifier(spec.cfg.model, 2, seed=0)
-    if scale_head is not None:  # adversarial: huge gradients
-        with torch.no_grad():
-            model.classifier.weight.mul_(scale_head)
-    model.train()
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    method = build_method(spec.cfg)
-    method.setup(model, params, PrivacyParams(sigma=sigma, clip_norm=clip, sample_rate=0.1,
-                                              expected_batch_size=batch, steps=1, delta=1e-5))
-    hooks = attach_hooks(model, mode, clip)
-    opt = torch.optim.SGD(list(params.values()), lr=lr)
-    return model, params, method, hooks, opt
+    return tiny_dp(mode=mode, sigma=sigma, clip=clip, batch=batch, lr=lr, scale_head=scale_head)
 
 
-def _batch(b=6, t=12, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1000, 5000, (b, t), generator=g)
-    return Batch(ids, torch.ones(b, t, dtype=torch.long), torch.randint(0, 2, (b,), generator=g))
-
-
-def _step(model, params, method, hooks, opt, chunks, mode, seed=0):
-    before = {n: p.detach().clone() for n, p in params.items()}
-    gen = torch.Generator().manual_seed(seed)
-    dp_step(model=model, chunks=chunks, method=method, params=params, optimizer=opt, noise_generator=gen,
-            mode=mode, hooks=hooks, step=1, alignment=False)
-    # SGD with lr=1: the update is exactly minus the privatised mean gradient
-    return {n: before[n] - p.detach() for n, p in params.items()}
+_batch, _step = tiny_batch, sgd_update
 
 
 @pytest.mark.parametrize("mode", ["hooks", "ghost", "bk"])

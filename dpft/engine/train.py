@@ -371,7 +371,7 @@ def run(prep: Prepared, run_path: Path, tracker, progress, resume: dict | None =
                 ev = evaluate(model, prep.eval_enc, device, int(cfg.runtime.eval_batch_size), cfg.task)
                 if prep.gen is not None and prep.gen.due(step, prep.steps):
                     ev.update(prep.gen.score(model, device, int(cfg.runtime.eval_batch_size), "eval",
-                                             run_path if main else None, step))
+                                             run_path, step))
                 record.update({f"eval/{k}": v for k, v in ev.items()})
                 record.update(_privacy_record(method, privacy, eps))
                 evals.append({"step": step, **ev})
@@ -394,17 +394,16 @@ def run(prep: Prepared, run_path: Path, tracker, progress, resume: dict | None =
 
     wall = time.time() - t0 + (float(resume.get("wall_time_s", 0.0)) if resume else 0.0)
     summary = _summary(cfg, prep, method, evals, primary, wall, accountant)
-    if prep.gen is not None and prep.gen.test is not None:  # the test tables, decoded once at the end
-        test = prep.gen.score(model, device, int(cfg.runtime.eval_batch_size), "test", run_path if main else None,
-                              prep.steps)
-        summary["test_metrics"] = test
-        tracker.log({f"test/{k}": v for k, v in test.items()}, prep.steps)
     if resume is not None:
         summary["resumed_from_step"] = start - 1
     if dist is not None:
         summary["world_size"] = dist.world
-    if not main:
+    if not main:  # rank 0 alone evaluates and writes the run
         return summary
+    if prep.gen is not None and prep.gen.test is not None:  # the test tables, decoded once at the end
+        test = prep.gen.score(model, device, int(cfg.runtime.eval_batch_size), "test", run_path, prep.steps)
+        summary["test_metrics"] = test
+        tracker.log({f"test/{k}": v for k, v in test.items()}, prep.steps)
     store.atomic_write_json(run_path / "summary.json", summary)
     tracker.summary(summary)
     (run_path / ckpt.NAME).unlink(missing_ok=True)  # done: the summary and metrics are the record

@@ -67,7 +67,7 @@ import torch
 from torch import Tensor
 
 from dpft.errors import DpftError
-from dpft.methods.base import Method, cfg_get, cfg_number, clip_flat, register
+from dpft.methods.base import Method, cfg_choice, cfg_number, clip_flat, register
 
 GRANULARITIES = ("tensor", "layer")
 CLIP_SPLITS = ("uniform", "numel")
@@ -147,12 +147,8 @@ class ANADP(Method):
     def __init__(self, cfg):
         super().__init__(cfg)
         m = cfg.method
-        self.granularity = str(cfg_get(m, "granularity", "tensor"))
-        if self.granularity not in GRANULARITIES:
-            raise DpftError(f"method.granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
-        self.clip_split = str(cfg_get(m, "clip_split", "uniform"))
-        if self.clip_split not in CLIP_SPLITS:
-            raise DpftError(f"method.clip_split must be one of {', '.join(CLIP_SPLITS)}, got {self.clip_split!r}")
+        self.granularity = cfg_choice(m, "granularity", "tensor", GRANULARITIES)
+        self.clip_split = cfg_choice(m, "clip_split", "uniform", CLIP_SPLITS)
         self.beta1 = self._number(m, "beta1", 0.85)
         self.beta2 = self._number(m, "beta2", 0.85)
         for key, b in (("beta1", self.beta1), ("beta2", self.beta2)):

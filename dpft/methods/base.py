@@ -190,6 +190,21 @@ def cfg_number(node, key, default, full_key: str | None = None) -> float:
     return value
 
 
+def cfg_bool(node, key, default: bool) -> bool:
+    value = cfg_get(node, key, default)
+    if not isinstance(value, bool):
+        raise DpftError(f"method.{key} must be true or false, got {value!r}")
+    return value
+
+
+def cfg_choice(node, key, default: str, choices) -> str:
+    """One of ``choices`` from a method config, or a one-line DpftError listing them."""
+    value = str(cfg_get(node, key, default))
+    if value not in choices:
+        raise DpftError(f"method.{key} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
 def clip_flat(norms: Tensor, clip_norm: float) -> Tensor:
     """min(1, C/‖g‖), with ‖g‖ = 0 mapped to factor 1 and non-finite norms rejected."""
     if not torch.isfinite(norms).all():

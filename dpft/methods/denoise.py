@@ -75,7 +75,7 @@ import torch
 from torch import Tensor, nn
 
 from dpft.errors import DpftError
-from dpft.methods.base import Method, register
+from dpft.methods.base import Method, cfg_bool, cfg_number, register
 
 log = logging.getLogger("dpft")
 
@@ -737,13 +737,13 @@ class Denoise(Method):
     def __init__(self, cfg):
         super().__init__(cfg)
         m = cfg.method
-        self.kappa = self._num(m, "kappa", 1.02)
-        self.norm_correction = self._bool(m, "norm_correction", True)
-        self.include_head = self._bool(m, "include_head", True)
-        self.fast = self._bool(m, "fast", True)
+        self.kappa = cfg_number(m, "kappa", 1.02)
+        self.norm_correction = cfg_bool(m, "norm_correction", True)
+        self.include_head = cfg_bool(m, "include_head", True)
+        self.fast = cfg_bool(m, "fast", True)
         self.empty_policy = str(m.get("empty_policy", "keep"))
-        self.test_iters = int(self._num(m, "test_iters", 20))
-        self.margin = self._num(m, "test_margin", 0.01)
+        self.test_iters = int(cfg_number(m, "test_iters", 20))
+        self.margin = cfg_number(m, "test_margin", 0.01)
         stop = m.get("stop_after", None)
         if stop is not None and (isinstance(stop, bool) or not isinstance(stop, int) or stop < 0):
             raise DpftError(f"method.stop_after must be null or an integer ≥ 0, got {stop!r}")
@@ -757,20 +757,6 @@ class Denoise(Method):
         self._gens: dict[str, torch.Generator] = {}
         self._diag: dict[str, float] = {}
         self.failures_total = 0
-
-    @staticmethod
-    def _num(m, key, default) -> float:
-        v = m.get(key, default)
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise DpftError(f"method.{key} must be a number, got {v!r}")
-        return float(v)
-
-    @staticmethod
-    def _bool(m, key, default) -> bool:
-        v = m.get(key, default)
-        if not isinstance(v, bool):
-            raise DpftError(f"method.{key} must be true or false, got {v!r}")
-        return v
 
     def setup(self, model, params, privacy) -> None:
         super().setup(model, params, privacy)

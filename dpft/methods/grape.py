@@ -75,7 +75,7 @@ import torch
 from torch import Tensor, nn
 
 from dpft.errors import DpftError
-from dpft.methods.base import Method, register
+from dpft.methods.base import Method, cfg_bool, cfg_choice, cfg_get, register
 
 log = logging.getLogger("dpft")
 
@@ -209,14 +209,6 @@ class GrapeAdam(torch.optim.Optimizer):
             self.state.pop(p, None)
 
 
-def _get(node, key, default=None):
-    try:
-        value = node.get(key, default)
-    except AttributeError:
-        value = getattr(node, key, default)
-    return default if value is None else value
-
-
 def _int(value, key: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < minimum:
         raise DpftError(f"method.{key} must be an integer >= {minimum}, got {value!r}")
@@ -233,26 +225,19 @@ class Grape(Method):
     def __init__(self, cfg):
         super().__init__(cfg)
         m = cfg.method
-        rank = _get(m, "rank")
+        rank = cfg_get(m, "rank", None)
         self.rank = None if rank is None else _int(rank, "rank", 1)
-        self.refresh = _int(_get(m, "refresh", 100), "refresh", 1)
-        seed = _get(m, "seed")
+        self.refresh = _int(cfg_get(m, "refresh", 100), "refresh", 1)
+        seed = cfg_get(m, "seed", None)
         self.seed = int(cfg.seed) if seed is None else _int(seed, "seed", 0)
-        self.side = str(_get(m, "side", "auto"))
-        if self.side not in SIDES:
-            raise DpftError(f"method.side must be one of {', '.join(SIDES)}, got {self.side!r}")
-        self.proj_std = str(_get(m, "proj_std", "1/r"))
-        if self.proj_std not in PROJ_STDS:
-            raise DpftError(f"method.proj_std must be one of {', '.join(PROJ_STDS)}, got {self.proj_std!r}")
-        layers = _get(m, "layers", {})
-        self.include = self._patterns(_get(layers, "include", ["attention", "attn", "dense", "mlp"]), "include")
-        self.exclude = self._patterns(_get(layers, "exclude", []), "exclude")
+        self.side = cfg_choice(m, "side", "auto", SIDES)
+        self.proj_std = cfg_choice(m, "proj_std", "1/r", PROJ_STDS)
+        layers = cfg_get(m, "layers", {})
+        self.include = self._patterns(cfg_get(layers, "include", ["attention", "attn", "dense", "mlp"]), "include")
+        self.exclude = self._patterns(cfg_get(layers, "exclude", []), "exclude")
         if not self.include:
             raise DpftError("method.layers.include must name at least one pattern (use method.rank=null for DP-Adam)")
-        reset = _get(m, "reset_moments", False)
-        if not isinstance(reset, bool):
-            raise DpftError(f"method.reset_moments must be true or false, got {reset!r}")
-        self.reset_moments = reset
+        self.reset_moments = cfg_bool(m, "reset_moments", False)
         if str(cfg.optim.name) != "adamw":
             raise DpftError(f"method=grape keeps Adam moments in the projected space and needs optim=adamw, "
                             f"got optim={cfg.optim.name}")
