@@ -8,6 +8,11 @@ as such in the output). Ratios are to the non-private path. A path is ``nonpriva
 ``<method>-hooks`` / ``<method>-ghost`` / ``<method>-bk`` (book-keeping; ``<method>`` alone = hooks), e.g. ``grape-hooks`` for
 DP-GRAPE's projected per-sample gradients next to ``dpsgd-hooks`` (Opacus DP-Adam) and
 ``dpsgd-ghost`` (dpft's default DP path).
+
+``opacus-hooks`` and ``opacus-ghost`` are the comparator: Opacus' own DP-SGD exactly as a user builds
+it (``PrivacyEngine.make_private``; ghost with its ``DPLossFastGradientClipping`` two-backward loss;
+micro-batches through ``signal_skip_step`` as Opacus' BatchMemoryManager does), not dpft's engine, so
+dpft's paths and Opacus' are measured on the same model, batch and device in one process.
 """
 
 from __future__ import annotations
@@ -16,7 +21,10 @@ import copy
 import statistics
 import threading
 import time
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -74,10 +82,17 @@ def _batch(b: int, length: int, vocab: int, device, seed: int = 0) -> Batch:
                  torch.randint(0, 2, (b,), generator=g).to(device))
 
 
+OPACUS_PATHS = {"opacus-hooks": "hooks", "opacus-ghost": "ghost"}
+
+
 def parse_path(path: str) -> tuple[str, str]:
     """`<method>-hooks|ghost|bk` or `<method>` (hooks) -> (method, mode); one-line error otherwise."""
     from dpft.config import GRAD_SAMPLE_MODES
 
+    if path in OPACUS_PATHS:
+        return "opacus", OPACUS_PATHS[path]
+    if path.startswith("opacus-"):
+        raise DpftError(f"bench path '{path}': Opacus' own paths are {', '.join(OPACUS_PATHS)}")
     name, _, mode = path.rpartition("-")
     if not name:
         return path, "hooks"
@@ -86,50 +101,164 @@ def parse_path(path: str) -> tuple[str, str]:
     return name, mode
 
 
+def opacus_reference(model, mode: str, clip_norm: float, optimizer, batch_size: int, chunks: list[Batch],
+                     noise_multiplier: float = 1.0):
+    """Opacus' DP-SGD as its users write it -> (wrapped model, wrapped optimizer, step function).
+    A fixed (non-Poisson) batch of `batch_size`, noise σ = `noise_multiplier`, clip norm C: the
+    bench's comparator, and in tests an independent implementation of dpft's clipped sum."""
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from dpft.models import model_inputs
+
+    hf = model
+    loader = DataLoader(TensorDataset(torch.zeros(batch_size)), batch_size=batch_size)
+    with warnings.catch_warnings():  # "secure RNG turned off": Opacus' default, as its users run it
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        engine = PrivacyEngine(accountant="rdp")
+    made = engine.make_private(
+        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
+        max_grad_norm=clip_norm, poisson_sampling=False, grad_sample_mode=mode,
+        criterion=torch.nn.CrossEntropyLoss())
+    model, optimizer = made[0], made[1]
+    criterion = made[2] if mode == "ghost" else torch.nn.CrossEntropyLoss()
+
+    def step() -> None:
+        for k, c in enumerate(chunks):  # Opacus' BatchMemoryManager: clip and accumulate, step on the last
+            optimizer.signal_skip_step(do_skip=k < len(chunks) - 1)
+            # explicit per-example position/token-type ids, as Opacus needs with HF models (models.model_inputs)
+            logits = model(**model_inputs(hf, c.input_ids, c.attention_mask)).logits
+            criterion(logits, c.labels).backward()  # ghost: DPTensorFastGradientClipping, two backwards
+            optimizer.step()
+            optimizer.zero_grad()
+
+    return model, optimizer, step
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def bench(cfg, paths: list[str], batch_size: int, length: int, steps: int, warmup: int, device) -> dict:
+@dataclass
+class _Path:
+    """One bench path built on a fresh copy of the model: `step(i)` runs optimizer step i."""
+
+    model: torch.nn.Module
+    step: Callable[[int], None]
+    method: object = None
+    cleanup: Callable[[], None] = lambda: None
+
+
+def _build_path(base, cfg, path: str, chunks: list[Batch], batch_size: int, total_steps: int, device) -> _Path | None:
+    """The path's model, optimizer and step function, exactly as training builds them; None for a
+    combination training refuses (ghost/bk for a norm-dependent-only method, bf16 with ghost)."""
+    from dpft.engine.optim import build_optimizer
     from dpft.engine.train import attach_hooks
+
+    autocast = cfg.engine.get("autocast")
+    model = copy.deepcopy(base).train()
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if path == "nonprivate":
+        optimizer = build_optimizer(list(params.values()), cfg.optim)
+        return _Path(model, lambda i: nonprivate_step(model=model, chunks=chunks, params=params, optimizer=optimizer))
+    if path in OPACUS_PATHS:
+        if autocast is not None:  # Opacus' grad samplers are not run under autocast here
+            return None
+        optimizer = build_optimizer(list(params.values()), cfg.optim)
+        model, optimizer, opacus = opacus_reference(model, OPACUS_PATHS[path], float(cfg.privacy.clip_norm),
+                                                    optimizer, batch_size, chunks)
+        return _Path(model, lambda i: opacus(), cleanup=model._close)  # _close: remove Opacus' hooks
+    name, mode = parse_path(path)
+    method = build_method(cfg if name == cfg.method.name else _with_method(cfg, name))
+    if not method.private:
+        raise DpftError(f"bench path {path}: method {name} is not private")
+    if (mode in ("ghost", "bk") and not method.supports_ghost) or (mode == "ghost" and autocast is not None):
+        return None  # refused in training too (dpft/config.py)
+    model = method.prepare_model(model)  # as in training (e.g. grape's projected layers)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    method.setup(model, params, PrivacyParams(sigma=1.0, clip_norm=float(cfg.privacy.clip_norm), sample_rate=0.01,
+                                              expected_batch_size=float(batch_size), steps=total_steps, delta=1e-5))
+    hooks = attach_hooks(model, mode, float(cfg.privacy.clip_norm))
+    optimizer = method.build_optimizer(params, cfg.optim)
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def step(i: int) -> None:
+        dp_step(model=model, chunks=chunks, method=method, params=params, optimizer=optimizer,
+                noise_generator=gen, mode=mode, hooks=hooks, step=i + 1, alignment=False)
+
+    return _Path(model, step, method=method, cleanup=hooks.cleanup)
+
+
+def _chunks(batch: Batch, pbs: int, autocast) -> list[Batch]:
+    return [Batch(batch.input_ids[i:i + pbs], batch.attention_mask[i:i + pbs], batch.labels[i:i + pbs],
+                  autocast=autocast) for i in range(0, len(batch.labels), pbs)]
+
+
+def largest_batch(fits: Callable[[int], bool], start: int, limit: int) -> int | None:
+    """Largest b ≤ limit with fits(b), for a fits() that is monotone in b (memory grows with b):
+    double from `start` until it fails or reaches `limit`, then bisect. None if 1 does not fit."""
+    lo, hi = 0, None  # lo: largest known to fit; hi: smallest known not to
+    b = max(1, min(start, limit))
+    while hi is None:
+        if fits(b):
+            lo = b
+            if b >= limit:
+                return b
+            b = min(2 * b, limit)
+        else:
+            hi = b
+    if lo == 0:  # the start failed: bisect below it
+        if hi == 1 or not fits(1):
+            return None
+        lo = 1
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def _fits(base, cfg, path: str, b: int, length: int, vocab: int, device) -> bool:
+    """Does one optimizer step of `path` at physical batch b fit in the device's memory?"""
+    built = None
+    try:
+        chunks = [_batch(b, length, vocab, device)]
+        chunks[0].autocast = cfg.engine.get("autocast")
+        built = _build_path(base, cfg, path, chunks, b, 1, device)
+        if built is None:
+            return False
+        built.step(0)
+        _sync(device)
+        return True
+    except torch.cuda.OutOfMemoryError:
+        return False
+    finally:
+        if built is not None:
+            built.cleanup()
+        del built
+        _release_freed_memory()
+        torch.cuda.empty_cache()
+
+
+def bench(cfg, paths: list[str], batch_size: int, length: int, steps: int, warmup: int, device,
+          max_batch: int | None = None) -> dict:
+    """Median step time and peak memory of each path at (batch_size, length), side by side; with
+    `max_batch` (CUDA only) also the largest physical batch ≤ max_batch whose step fits."""
     from dpft.models import apply_peft, load_classifier
 
+    if max_batch is not None and device.type != "cuda":
+        raise DpftError("--max-batch needs a CUDA device (on the CPU running out of memory kills the process)")
     base = load_classifier(cfg.model, 2, int(cfg.seed)).to(device)
     base = apply_peft(base, cfg.model)
     vocab = int(base.config.vocab_size)
     pbs = int(cfg.runtime.physical_batch_size)
-    batch = _batch(batch_size, length, vocab, device)
     autocast = cfg.engine.get("autocast")  # engine.autocast=bf16: every path's forward in bf16
-    chunks = [Batch(batch.input_ids[i:i + pbs], batch.attention_mask[i:i + pbs], batch.labels[i:i + pbs],
-                    autocast=autocast) for i in range(0, batch_size, pbs)]
+    chunks = _chunks(_batch(batch_size, length, vocab, device), pbs, autocast)
     results = {}
     for path in paths:
-        model = copy.deepcopy(base).train()
-        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        hooks = method = None
-        if path != "nonprivate":
-            name, mode = parse_path(path)
-            mcfg = cfg if name == cfg.method.name else _with_method(cfg, name)
-            method = build_method(mcfg)
-            if not method.private:
-                raise DpftError(f"bench path {path}: method {name} is not private")
-            if mode in ("ghost", "bk") and not method.supports_ghost:
-                continue
-            if mode == "ghost" and autocast is not None:  # refused in training (dpft/config.py)
-                continue
-            model = method.prepare_model(model)  # as in training (e.g. grape's projected layers)
-            params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-            method.setup(model, params, PrivacyParams(sigma=1.0, clip_norm=float(cfg.privacy.clip_norm),
-                                                      sample_rate=0.01, expected_batch_size=float(batch_size),
-                                                      steps=steps + warmup, delta=1e-5))
-            hooks = attach_hooks(model, mode, float(cfg.privacy.clip_norm))
-            optimizer = method.build_optimizer(params, cfg.optim)
-        else:
-            from dpft.engine.optim import build_optimizer
-
-            optimizer = build_optimizer(list(params.values()), cfg.optim)
-        gen = torch.Generator(device=device).manual_seed(0)
+        built = _build_path(base, cfg, path, chunks, batch_size, steps + warmup, device)
+        if built is None:
+            continue
         times, extras = [], []
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -142,21 +271,16 @@ def bench(cfg, paths: list[str], batch_size: int, length: int, steps: int, warmu
             for i in range(warmup + steps):
                 _sync(device)
                 t = time.perf_counter()
-                if method is None:
-                    nonprivate_step(model=model, chunks=chunks, params=params, optimizer=optimizer)
-                else:
-                    dp_step(model=model, chunks=chunks, method=method, params=params, optimizer=optimizer,
-                            noise_generator=gen, mode=mode, hooks=hooks, step=i + 1, alignment=False)
+                built.step(i)
                 _sync(device)
                 if i >= warmup:
                     times.append(time.perf_counter() - t)
-                    if method is not None:
-                        extras.append({k: v for k, v in method.diagnostics().items() if k.endswith("time_s")})
+                    if built.method is not None:
+                        extras.append({k: v for k, v in built.method.diagnostics().items() if k.endswith("time_s")})
         finally:
             if rss:
                 rss.__exit__(None, None, None)
-            if hooks is not None:
-                hooks.cleanup()
+            built.cleanup()
         peak = (torch.cuda.max_memory_allocated(device) - mem0 if device.type == "cuda" else rss.peak - rss.base)
         median = statistics.median(times)
         res = {"step_s": median, "peak_mem_bytes": int(peak), "steps": steps}
@@ -164,8 +288,11 @@ def bench(cfg, paths: list[str], batch_size: int, length: int, steps: int, warmu
             val = statistics.median(e.get(key, 0.0) for e in extras)
             res[key] = val
             res[f"{key}_frac"] = val / median
+        del built
+        if max_batch is not None:
+            res["max_batch"] = largest_batch(lambda b: _fits(base, cfg, path, b, length, vocab, device),
+                                             start=batch_size, limit=max_batch)
         results[path] = res
-        del model, optimizer, params
     ref = results.get("nonprivate")
     if ref:
         for r in results.values():
@@ -177,6 +304,7 @@ def bench(cfg, paths: list[str], batch_size: int, length: int, steps: int, warmu
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         "memory": "cuda max_memory_allocated above the pre-step baseline" if device.type == "cuda"
         else "CPU peak RSS above the pre-step baseline (sampled every 1 ms; approximate)",
+        "max_batch_limit": max_batch,
         "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "paths": results,
     }
 

@@ -342,12 +342,14 @@ def report_cmd(
 def bench(
     overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
     paths: str = typer.Option("nonprivate,dpsgd-hooks,dpsgd-ghost", help="Comma-separated: nonprivate, "
-                              "<method>-hooks, <method>-ghost (the method's extras are timed too), "
-                              "e.g. add grape-hooks,grape-ghost for DP-GRAPE."),
+                              "<method>-hooks|ghost|bk (the method's extras are timed too, e.g. grape-ghost), "
+                              "opacus-hooks, opacus-ghost (Opacus' own make_private, the comparator)."),
     batch: int = typer.Option(32, help="Logical batch size (fixed, not Poisson, for timing)."),
     length: int = typer.Option(128, help="Sequence length."),
     steps: int = typer.Option(5, help="Timed steps per path (median reported)."),
     warmup: int = typer.Option(2, help="Untimed warm-up steps per path."),
+    max_batch: Optional[int] = typer.Option(None, "--max-batch", help="CUDA only: also find each path's largest "
+                                            "physical batch ≤ this whose step fits in memory (doubling, then bisection)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
 ) -> None:
     """Time non-private vs DP step paths side by side on this device; print ratios."""
@@ -360,8 +362,8 @@ def bench(
 
     _setup_logging()
     spec = compose_run(overrides or [])
-    if batch < 1 or length < 1 or steps < 1 or warmup < 0:
-        raise DpftError("--batch, --length and --steps must be >= 1, --warmup >= 0")
+    if batch < 1 or length < 1 or steps < 1 or warmup < 0 or (max_batch is not None and max_batch < 1):
+        raise DpftError("--batch, --length, --steps and --max-batch must be >= 1, --warmup >= 0")
     device = resolve_device(str(spec.cfg.runtime.device))
     path_list = [p.strip() for p in paths.split(",") if p.strip()]
     if not path_list:
@@ -369,7 +371,7 @@ def bench(
     for p in path_list:  # all paths checked before any is timed
         if p != "nonprivate":
             parse_path(p)
-    out = run_bench(spec.cfg, path_list, batch, length, steps, warmup, device)
+    out = run_bench(spec.cfg, path_list, batch, length, steps, warmup, device, max_batch=max_batch)
     if as_json:
         typer.echo(_json.dumps(out, indent=2, sort_keys=True))
         return
@@ -378,13 +380,19 @@ def bench(
 
     table = Table(title=f"dpft bench: {out['model']} B={batch} L={length} on {out['device']}",
                   caption=f"memory: {out['memory']}")
-    for col in ("path", "step (ms)", "× non-private", "peak mem (MiB)", "× non-private", "extras"):
+    cols = ["path", "step (ms)", "× non-private", "peak mem (MiB)", "× non-private", "extras"]
+    if max_batch is not None:
+        cols.insert(5, f"largest batch ≤ {max_batch}")
+    for col in cols:
         table.add_column(col, justify="right" if col != "path" else "left")
     fmt = lambda v, f: "—" if v is None else format(v, f)  # noqa: E731
     for name, r in out["paths"].items():
         extras = ", ".join(f"{k}={100 * v:.2f}%" for k, v in r.items() if k.endswith("_frac"))
-        table.add_row(name, f"{1000 * r['step_s']:.1f}", fmt(r.get("time_ratio"), ".2f"),
-                      f"{r['peak_mem_bytes'] / 2**20:.0f}", fmt(r.get("mem_ratio"), ".2f"), extras)
+        row = [name, f"{1000 * r['step_s']:.1f}", fmt(r.get("time_ratio"), ".2f"),
+               f"{r['peak_mem_bytes'] / 2**20:.0f}", fmt(r.get("mem_ratio"), ".2f"), extras]
+        if max_batch is not None:
+            row.insert(5, fmt(r.get("max_batch"), "d"))
+        table.add_row(*row)
     Console().print(table)
 
 

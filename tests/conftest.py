@@ -71,7 +71,7 @@ def read_run(path: Path) -> tuple[list[dict], dict, dict]:
 # -- one DP step on the tiny model, for the privacy tests of the engine and the methods ------------
 
 def tiny_dp(*overrides, mode="hooks", sigma=1.0, clip=1.0, batch=8.0, scale_head=None, steps=1, lr=1.0,
-            method_optimizer=False):
+            method_optimizer=False, device="cpu"):
     """(model, params, method, hooks, optimizer) for `dp_step` on debug=tiny with `overrides`.
     `scale_head` multiplies the classifier (adversarial, huge gradients). The optimizer is SGD with
     `lr` (lr=1: the update is exactly minus the privatised mean), or the method's own."""
@@ -87,7 +87,7 @@ def tiny_dp(*overrides, mode="hooks", sigma=1.0, clip=1.0, batch=8.0, scale_head
     if scale_head is not None:
         with torch.no_grad():
             model.classifier.weight.mul_(scale_head)
-    model.train()
+    model.to(device).train()
     method = build_method(spec.cfg)
     model = method.prepare_model(model)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -99,14 +99,15 @@ def tiny_dp(*overrides, mode="hooks", sigma=1.0, clip=1.0, batch=8.0, scale_head
     return model, params, method, hooks, opt
 
 
-def tiny_batch(b=6, t=12, seed=0):
+def tiny_batch(b=6, t=12, seed=0, device="cpu"):
     import torch
 
     from dpft.engine.step import Batch
 
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1000, 5000, (b, t), generator=g)
-    return Batch(ids, torch.ones(b, t, dtype=torch.long), torch.randint(0, 2, (b,), generator=g))
+    labels = torch.randint(0, 2, (b,), generator=g)
+    return Batch(ids.to(device), torch.ones(b, t, dtype=torch.long, device=device), labels.to(device))
 
 
 def sgd_update(model, params, method, hooks, opt, chunks, mode, step=1, seed=0):
@@ -117,5 +118,5 @@ def sgd_update(model, params, method, hooks, opt, chunks, mode, step=1, seed=0):
 
     before = {n: p.detach().clone() for n, p in params.items()}
     dp_step(model=model, chunks=chunks, method=method, params=params, optimizer=opt,
-            noise_generator=torch.Generator().manual_seed(seed), mode=mode, hooks=hooks, step=step, alignment=False)
+            noise_generator=torch.Generator(device=next(iter(params.values())).device).manual_seed(seed), mode=mode, hooks=hooks, step=step, alignment=False)
     return {n: before[n] - p.detach() for n, p in params.items()}

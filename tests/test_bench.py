@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
+
+import pytest
+
+from dpft.bench import largest_batch
+from dpft.config import compose_run
 
 
 def test_bench_json_side_by_side(dpft):
@@ -19,3 +25,110 @@ def test_bench_json_side_by_side(dpft):
 def test_bench_rejects_bad_sizes(dpft):
     r = dpft("bench", "debug=tiny", "--batch", "0")
     assert r.exit_code == 2 and "--batch" in r.stderr
+
+
+def test_bench_times_opacus_own_paths_beside_dpft(dpft):
+    """The comparator paths run Opacus' make_private (hooks, ghost) in the same process, micro-batched."""
+    r = dpft("bench", "debug=tiny", "runtime.physical_batch_size=4", "--batch", "8", "--length", "16",
+             "--steps", "1", "--warmup", "1", "--json", "--paths", "nonprivate,opacus-hooks,opacus-ghost,dpsgd-bk")
+    assert r.exit_code == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert set(out["paths"]) == {"nonprivate", "opacus-hooks", "opacus-ghost", "dpsgd-bk"}
+    for res in out["paths"].values():
+        assert res["step_s"] > 0 and res["peak_mem_bytes"] >= 0
+
+
+def test_bench_rejects_unknown_opacus_path(dpft):
+    r = dpft("bench", "debug=tiny", "--paths", "nonprivate,opacus-bk")
+    assert r.exit_code == 2 and "opacus-hooks, opacus-ghost" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_dpft_clipped_sum_equals_opacus_make_private():
+    """Independent implementation check: with σ = 0 and SGD at lr 1, one step of Opacus' own
+    make_private (hooks, and ghost with its two-backward loss; two micro-batches through
+    signal_skip_step) moves every parameter exactly as dpft's engine does in hooks, ghost and bk:
+    the same per-sample clipping (with C small enough that every example is clipped) and the same
+    division by the expected batch size."""
+    import torch
+
+    from conftest import sgd_update, tiny_batch, tiny_dp
+    from dpft.bench import opacus_reference
+    from dpft.config import compose_run
+    from dpft.models import load_classifier
+    from dpft.engine.step import Batch
+
+    batch = tiny_batch(b=8, t=12)
+    chunks = [Batch(batch.input_ids[i:i + 4], batch.attention_mask[i:i + 4], batch.labels[i:i + 4])
+              for i in (0, 4)]
+    clip = 1e-3
+    updates = {}
+    for mode in ("hooks", "ghost", "bk"):
+        model, params, method, hooks, opt = tiny_dp(mode=mode, sigma=0.0, clip=clip, batch=8.0)
+        updates[mode] = sgd_update(model, params, method, hooks, opt, chunks, mode)
+        hooks.cleanup()
+    for mode in ("hooks", "ghost"):
+        ref = load_classifier(compose_run(["debug=tiny"]).cfg.model, 2, seed=0).train()  # tiny_dp's model
+        before = {n: p.detach().clone() for n, p in ref.named_parameters() if p.requires_grad}
+        sgd = torch.optim.SGD([p for p in ref.parameters() if p.requires_grad], lr=1.0)
+        _, _, step = opacus_reference(ref, mode, clip, sgd, 8, chunks, noise_multiplier=0.0)
+        step()
+        theirs = {n: before[n] - p.detach() for n, p in ref.named_parameters() if p.requires_grad}
+        total = torch.cat([u.flatten() for u in theirs.values()]).norm()
+        assert 0 < total <= clip * 1.0001  # every example clipped to C, mean of 8 → norm ≤ C
+        flat = torch.cat([theirs[n].flatten() for n in sorted(theirs)])
+        for ours_mode, ours in updates.items():
+            assert set(ours) == set(theirs)
+            mine = torch.cat([ours[n].flatten() for n in sorted(theirs)])
+            assert (mine - flat).norm() <= 1e-4 * flat.norm(), f"{ours_mode} vs opacus-{mode}"
+            for n in theirs:  # per tensor: fp32 summation order and the (before - after) read-out differ (≤ 1e-3 seen)
+                # (key biases have a zero gradient, softmax being shift-invariant: absolute check only)
+                scale = max(theirs[n].norm(), 1e-6 * flat.norm())
+                err = (ours[n] - theirs[n]).norm() / scale
+                assert err <= 5e-3, f"{ours_mode} vs opacus-{mode}: {n} relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("start,limit,threshold", [(32, 1024, 300), (32, 1024, 32), (32, 1024, 1024), (32, 1024, 5000),
+                                                   (32, 1024, 1), (32, 1024, 0), (1, 7, 6), (64, 48, 40)])
+def test_largest_batch_search(start, limit, threshold):
+    calls = []
+
+    def fits(b):
+        calls.append(b)
+        return b <= threshold
+
+    got = largest_batch(fits, start, limit)
+    assert got == (min(threshold, limit) if threshold >= 1 else None)
+    assert all(1 <= b <= limit for b in calls)
+    assert len(calls) <= 2 * math.ceil(math.log2(max(limit, 2))) + 2  # doubling + bisection, not a scan
+
+
+def test_fits_treats_cuda_oom_as_does_not_fit_and_cleans_up(monkeypatch):
+    """The per-batch probe behind --max-batch: an out-of-memory step is 'does not fit', hooks are
+    removed whatever happens, and other errors are not swallowed."""
+    import torch
+
+    import dpft.bench as bench
+
+    cleaned = []
+
+    def fake_build(base, cfg, path, chunks, b, total, device):
+        def step(i):
+            if len(chunks[0].labels) > 12:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+            if len(chunks[0].labels) == 7:
+                raise ValueError("a real bug")
+        return bench._Path(model=None, step=step, cleanup=lambda: cleaned.append(len(chunks[0].labels)))
+
+    monkeypatch.setattr(bench, "_build_path", fake_build)
+    cfg = compose_run(["debug=tiny"]).cfg
+    fits = lambda b: bench._fits(None, cfg, "dpsgd-bk", b, 8, 100, torch.device("cpu"))  # noqa: E731
+    assert fits(12) and not fits(13)
+    with pytest.raises(ValueError):
+        fits(7)
+    assert cleaned == [12, 13, 7]
+    assert largest_batch(fits, 4, 64) == 12
+
+
+def test_max_batch_needs_cuda(dpft):
+    r = dpft("bench", "debug=tiny", "--max-batch", "64", "--steps", "1", "--warmup", "0")
+    assert r.exit_code == 2 and "--max-batch needs a CUDA device" in r.stderr and "Traceback" not in r.stderr
