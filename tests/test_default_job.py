@@ -1,4 +1,4 @@
-"""The README's first command on real MiniLM weights (slow: ~3 min on 2 CPU cores; `pytest -m slow`)."""
+"""The README's first command on real MiniLM weights (slow: ~2 min per seed on 2 CPU cores; `pytest -m slow`)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from conftest import read_run, run_dirs
 
 
 @pytest.mark.slow
-def test_default_job_learns_under_dp(dpft):
-    r = dpft("train", "runtime.progress=none")
+@pytest.mark.parametrize("seed", [0, 1])  # seed 1 sat at chance with the old lr 1e-3: not one lucky seed
+def test_default_job_learns_under_dp(dpft, seed):
+    r = dpft("train", "runtime.progress=none", *([f"seed={seed}"] if seed else []))
     assert r.exit_code == 0, r.stderr
     metrics, summary, meta = read_run(run_dirs(dpft.output_dir)[0])
     assert summary["model"] == "minilm" and summary["method"] == "dpsgd"
