@@ -102,10 +102,12 @@ def parse_path(path: str) -> tuple[str, str]:
 
 
 def opacus_reference(model, mode: str, clip_norm: float, optimizer, batch_size: int, chunks: list[Batch],
-                     noise_multiplier: float = 1.0):
+                     noise_multiplier: float = 1.0, explicit_ids: bool = True):
     """Opacus' DP-SGD as its users write it -> (wrapped model, wrapped optimizer, step function).
     A fixed (non-Poisson) batch of `batch_size`, noise σ = `noise_multiplier`, clip norm C: the
-    bench's comparator, and in tests an independent implementation of dpft's clipped sum."""
+    bench's comparator, and in tests an independent implementation of dpft's clipped sum.
+    `explicit_ids=False` lets the model build its own position/token-type ids, as
+    `model(input_ids, attention_mask)` does (benchmarks/opacus_own_ids.py)."""
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -127,7 +129,9 @@ def opacus_reference(model, mode: str, clip_norm: float, optimizer, batch_size: 
         for k, c in enumerate(chunks):  # Opacus' BatchMemoryManager: clip and accumulate, step on the last
             optimizer.signal_skip_step(do_skip=k < len(chunks) - 1)
             # explicit per-example position/token-type ids, as Opacus needs with HF models (models.model_inputs)
-            logits = model(**model_inputs(hf, c.input_ids, c.attention_mask)).logits
+            inputs = (model_inputs(hf, c.input_ids, c.attention_mask) if explicit_ids
+                      else {"input_ids": c.input_ids, "attention_mask": c.attention_mask})
+            logits = model(**inputs).logits
             criterion(logits, c.labels).backward()  # ghost: DPTensorFastGradientClipping, two backwards
             optimizer.step()
             optimizer.zero_grad()

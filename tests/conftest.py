@@ -117,6 +117,24 @@ def sgd_update(model, params, method, hooks, opt, chunks, mode, step=1, seed=0):
     from dpft.engine.step import dp_step
 
     before = {n: p.detach().clone() for n, p in params.items()}
+    gen = torch.Generator(device=next(iter(params.values())).device).manual_seed(seed)
     dp_step(model=model, chunks=chunks, method=method, params=params, optimizer=opt,
-            noise_generator=torch.Generator(device=next(iter(params.values())).device).manual_seed(seed), mode=mode, hooks=hooks, step=step, alignment=False)
+            noise_generator=gen, mode=mode, hooks=hooks, step=step, alignment=False)
     return {n: before[n] - p.detach() for n, p in params.items()}
+
+
+def opacus_update(mode, clip, batch_size, chunks, device="cpu"):
+    """One step of Opacus' own make_private (dpft.bench.opacus_reference) on tiny_dp's model with
+    σ = 0 and SGD at lr 1 -> {name: update}, the independent reference for dpft's clipped sum."""
+    import torch
+
+    from dpft.bench import opacus_reference
+    from dpft.config import compose_run
+    from dpft.models import load_classifier
+
+    ref = load_classifier(compose_run(["debug=tiny"]).cfg.model, 2, seed=0).to(device).train()  # tiny_dp's model
+    before = {n: p.detach().clone() for n, p in ref.named_parameters() if p.requires_grad}
+    sgd = torch.optim.SGD([p for p in ref.parameters() if p.requires_grad], lr=1.0)
+    _, _, step = opacus_reference(ref, mode, clip, sgd, batch_size, chunks, noise_multiplier=0.0)
+    step()
+    return {n: before[n] - p.detach() for n, p in ref.named_parameters() if p.requires_grad}

@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from conftest import read_run, run_dirs, sgd_update, tiny_batch, tiny_dp
+from conftest import opacus_update, read_run, run_dirs, sgd_update, tiny_batch, tiny_dp
 from dpft.engine.step import Batch
 from dpft.models import model_inputs
 
@@ -70,22 +70,15 @@ def test_hooks_ghost_and_bookkeeping_agree_on_device(clip):
 
 
 def test_dpft_clipped_sum_equals_opacus_on_device():
-    from dpft.bench import opacus_reference
-    from dpft.config import compose_run
-    from dpft.models import load_classifier
+    from dpft.bench import _chunks
 
-    batch = tiny_batch(b=8, t=12, device=DEVICE)
-    chunks = [Batch(batch.input_ids[i:i + 4], batch.attention_mask[i:i + 4], batch.labels[i:i + 4]) for i in (0, 4)]
+    chunks = _chunks(tiny_batch(b=8, t=12, device=DEVICE), 4, None)
     clip = 1e-3
     model, params, method, hooks, opt = tiny_dp(mode="bk", sigma=0.0, clip=clip, batch=8.0, device=DEVICE)
     ours = sgd_update(model, params, method, hooks, opt, chunks, "bk")
-    ref = load_classifier(compose_run(["debug=tiny"]).cfg.model, 2, seed=0).to(DEVICE).train()
-    before = {n: p.detach().clone() for n, p in ref.named_parameters() if p.requires_grad}
-    sgd = torch.optim.SGD([p for p in ref.parameters() if p.requires_grad], lr=1.0)
-    _, _, step = opacus_reference(ref, "ghost", clip, sgd, 8, chunks, noise_multiplier=0.0)
-    step()
-    theirs = torch.cat([(before[n] - p.detach()).flatten() for n, p in ref.named_parameters() if p.requires_grad])
-    mine = torch.cat([ours[n].flatten() for n, p in ref.named_parameters() if p.requires_grad])
+    ref = opacus_update("ghost", clip, 8, chunks, device=DEVICE)
+    theirs = torch.cat([ref[n].flatten() for n in ref])
+    mine = torch.cat([ours[n].flatten() for n in ref])
     assert (mine - theirs).norm() <= 1e-3 * theirs.norm()
 
 
