@@ -65,6 +65,8 @@ def _train_worker(spec: RunSpec, prep, path: Path, resume: bool, dist) -> dict:
 
     dist.barrier()  # rank 0 has set up (or archived) the run directory
     state = ckpt.load(path / ckpt.NAME, spec.run_id) if resume and (path / ckpt.NAME).is_file() else None
+    if state is not None:
+        ckpt.check_data(state, prep.data_fingerprint(), path / ckpt.NAME)
     return engine.run(prep, path, NullTracker(), Progress("none", prep.steps, spec.slug), resume=state)
 
 
@@ -77,6 +79,7 @@ def _train_main(spec: RunSpec, prep, path: Path, force: bool, resume: bool, dist
     state = None
     if resume and not force and (path / ckpt.NAME).is_file():
         state = ckpt.load(path / ckpt.NAME, spec.run_id)  # refuses a foreign or corrupt checkpoint
+        ckpt.check_data(state, prep.data_fingerprint(), path / ckpt.NAME)  # ... or one on other data
     if state is None:
         _archive_previous(path)
         path.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,8 @@ def test_nonprivate_loss_falls(dpft):
     assert len(losses) == 60
     assert _mean(losses[-10:]) < _mean(losses[:10]) - 0.05  # from chance (ln 2 ≈ 0.693)
     assert meta["status"] == "done"
-    assert summary["privacy"] == {"private": False, "epsilon": "inf", "sampling": "shuffle"}
+    assert summary["privacy"] == {"private": False, "epsilon": "inf", "sampling": "shuffle",
+                                  "guarantee": "none: non-private training"}
     assert [m["step"] for m in metrics] == list(range(1, 61))
 
 

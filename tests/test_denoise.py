@@ -441,12 +441,12 @@ def test_cli_denoise_improves_alignment_on_the_tiny_model(dpft):
     assert all(x > -1e-3 for x in imp)
     for m in metrics:
         for key in ("method/layers_denoised", "method/rank_mean", "method/rank_max", "method/denoise_time_s",
-                    "method/denoise_time_s_frac", "method/svd_failures", "method/rank/classifier.weight"):
+                    "train/method/denoise_time_s_frac", "method/svd_failures", "method/rank/classifier.weight"):
             assert key in m, key
         assert m["method/svd_failures"] == 0
     assert sum(m["method/layers_denoised"] for m in metrics) > 0
     # per-layer cosines exist exactly for the layers the method changed
-    denoised = {k.split("/")[1] for m in metrics for k in m if k.startswith("layer/") and k.endswith("/improvement")}
+    denoised = {k.split("/")[2] for m in metrics for k in m if k.startswith("train/layer/") and k.endswith("/improvement")}
     assert denoised and all(any(m.get(f"method/rank/{n}", 0) > 0 for m in metrics) for n in denoised)
     # privacy is DP-SGD's: the ledger is the ordinary one at the calibrated σ
     assert summary["privacy"]["epsilon"] <= 50 and summary["privacy"]["sensitivity"] == 1.0

@@ -14,7 +14,9 @@ import pytest
 from dpft.store import read_metrics
 
 NO_DROPOUT = ["+model.arch.hidden_dropout_prob=0", "+model.arch.attention_probs_dropout_prob=0"]
-ARGS = ["debug=tiny", "logger=none", "runtime.progress=none", "train.steps=4", "train.eval_every=2", *NO_DROPOUT]
+# seeded: one process and two must draw the same noise and batches to be compared step by step
+ARGS = ["debug=tiny", "logger=none", "runtime.progress=none", "train.steps=4", "train.eval_every=2",
+        "privacy.noise=seeded", *NO_DROPOUT]
 
 
 def _run_dir(root):

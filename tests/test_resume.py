@@ -16,7 +16,10 @@ import pytest
 
 from conftest import read_run, run_dirs
 
-ARGS = ["debug=tiny", "train.steps=14", "train.eval_every=4", "runtime.checkpoint_every=2", "runtime.progress=none"]
+# seeded: a resumed run is compared bit for bit with an uninterrupted one (the default secure mode
+# draws fresh noise after a resume; tests/test_privacy_noise.py)
+ARGS = ["debug=tiny", "train.steps=14", "train.eval_every=4", "runtime.checkpoint_every=2", "runtime.progress=none",
+        "privacy.noise=seeded"]
 
 
 def _dpft(*args: str) -> list[str]:
@@ -68,7 +71,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, dpft):
 def test_sigterm_checkpoints_at_step_boundary_and_resumes(tmp_path, dpft):
     env = {**os.environ, "WANDB_MODE": "disabled"}
     out = tmp_path / "term"
-    args = [*ARGS[:-2], "runtime.checkpoint_every=null", "runtime.progress=none"]
+    args = [*(a for a in ARGS if not a.startswith("runtime.checkpoint_every=")), "runtime.checkpoint_every=null"]
     proc = subprocess.Popen(_dpft("train", *args, f"paths.output_dir={out}"), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120

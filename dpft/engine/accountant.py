@@ -60,3 +60,44 @@ def independent_epsilon(history, delta: float, accountant: str) -> float:
     acc.compose(event)
     eps = float(acc.get_epsilon(delta))
     return eps if math.isfinite(eps) else float("inf")
+
+
+def _rdp_one_step(sigma: float, q: float):
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis import rdp as privacy_analysis
+
+    return privacy_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS)
+
+
+class EpsilonMeter:
+    """ε spent so far, cheap enough to log at every step (ε is public: a function of σ, q, the
+    step count and δ only). For `rdp` the RDP of a composition is the sum of its steps' RDPs, so
+    one-step RDP vectors are computed once per (σ, q) and ε(t) is Opacus' own conversion of
+    t·RDP₁ — the value `RDPAccountant.get_epsilon` returns, at a fraction of its cost. For `prv`
+    (numerical, ~1 s a call) it answers only when asked `exact=True`."""
+
+    def __init__(self, accountant: str, delta: float):
+        self.accountant, self.delta = accountant, float(delta)
+        self._one: dict[tuple[float, float], object] = {}
+
+    def epsilon(self, history, exact: bool = False) -> float | None:
+        history = [tuple(h) for h in history]
+        if not history:
+            return 0.0
+        if self.accountant != "rdp":
+            if not exact:
+                return None
+            acc = make_accountant(self.accountant)
+            acc.history = history
+            return epsilon_of(acc, self.delta)
+        from opacus.accountants import RDPAccountant
+        from opacus.accountants.analysis import rdp as privacy_analysis
+
+        total = 0.0
+        for sigma, q, steps in history:
+            key = (float(sigma), float(q))
+            if key not in self._one:
+                self._one[key] = _rdp_one_step(*key)
+            total = total + self._one[key] * int(steps)
+        eps, _ = privacy_analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=total, delta=self.delta)
+        return float(eps)

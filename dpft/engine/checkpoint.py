@@ -2,14 +2,17 @@
 
 A checkpoint is taken at a step boundary (every `train.checkpoint_every` steps and when SIGTERM or
 SIGINT arrives) and holds everything the next step depends on: trainable weights, optimizer,
-schedule, method state (e.g. momentum), every RNG (global torch, Poisson sampler, noise), the
-accountant history, the step, and the eval records. A resumed run therefore draws the same batches
-and the same noise as an uninterrupted one and ends with the same accountant history and ε.
+schedule, method state (e.g. momentum), the global torch RNG (dropout: non-private randomness),
+the accountant history, the step, the eval records and a fingerprint of the encoded training set.
 
-Privacy note: steps computed after the last checkpoint and lost in a crash are recomputed from the
-same state and randomness, so they release exactly what the uninterrupted run releases; no step
-is accounted twice or skipped. Loading uses ``torch.load(weights_only=True)``; a checkpoint from
-another config or dpft version is refused whole, never half-loaded.
+Privacy notes. The mechanism's key (dpft/engine/noise.py) is never in a checkpoint: a seeded run
+re-derives it from the config and replays the same batches and noise; a secure run draws a fresh
+key, and the engine charges the accountant for every step after the checkpoint that may already
+have been released (logged) before the crash, so the ledger never undercounts. A resume on other
+training data (fingerprint mismatch) is refused: with replayed noise the difference of the two
+releases would be the clipped signal with no noise left. Checkpoints hold the private model state
+and are written owner-only (0600). Loading uses ``torch.load(weights_only=True)``; a checkpoint
+from another config or dpft version is refused whole, never half-loaded.
 """
 
 from __future__ import annotations
@@ -28,11 +31,13 @@ NAME = "checkpoint.pt"
 
 
 def save(path: Path, state: dict) -> None:
-    """torch.save to a temp file in the same directory, fsync, rename: never a torn checkpoint."""
+    """torch.save to an owner-only temp file in the same directory, fsync, rename: never a torn
+    checkpoint, never readable by other users."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
+        os.chmod(tmp, 0o600)  # private artefact, whatever the umask (mkstemp's 0600 is not a contract)
         torch.save({"format": FORMAT, "dpft_version": __version__, **state}, tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
@@ -59,6 +64,13 @@ def load(path: Path, run_id: str) -> dict:
     return state
 
 
+def check_data(state: dict, fingerprint: str, path: Path) -> None:
+    """Refuse to resume on training data other than the data the checkpoint was trained on."""
+    if state.get("data_fingerprint") != fingerprint:
+        raise DpftError(f"checkpoint {path} was trained on other training data (fingerprint mismatch); "
+                        "resuming would re-release steps on changed data. Re-run with --force to start over")
+
+
 class ShuffleBatches:
     """Fixed-size shuffled batches for the non-private baseline, with a resumable position."""
 
@@ -80,27 +92,3 @@ class ShuffleBatches:
     def load_state_dict(self, s: dict) -> None:
         self.gen.set_state(s["gen"])
         self.perm, self.pos = s["perm"], int(s["pos"])
-
-
-class PoissonBatches:
-    """Poisson sampling (each example joins with probability q, independently) through Opacus'
-    UniformWithReplacementSampler; its only state is the generator, which we save and restore."""
-
-    def __init__(self, n: int, q: float, steps: int, seed: int):
-        from opacus.utils.uniform_sampler import UniformWithReplacementSampler
-
-        self.gen = torch.Generator().manual_seed(seed)
-        self._make = lambda remaining: iter(UniformWithReplacementSampler(  # noqa: E731
-            num_samples=n, sample_rate=q, generator=self.gen, steps=remaining))
-        self.steps = steps
-        self._it = self._make(steps)
-
-    def __next__(self) -> list[int]:
-        return next(self._it)
-
-    def state_dict(self) -> dict:
-        return {"gen": self.gen.get_state()}
-
-    def load_state_dict(self, s: dict, done: int) -> None:
-        self.gen.set_state(s["gen"])
-        self._it = self._make(self.steps - done)

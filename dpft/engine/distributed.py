@@ -1,10 +1,11 @@
 """Data-parallel DP training over `torchrun` (`dpft train ... launcher=torchrun nproc=N`).
 
 Privacy assumption: distribution changes *where* the clipped sum is computed, never *what* is
-released. Every rank draws the same Poisson logical batch (same sampler seed) and clips a disjoint
+released. Every rank draws the same Poisson logical batch (same key) and clips a disjoint
 shard of it (``idx[rank::world]``); the per-rank clipped sums are summed with one all-reduce, so
 S = Σ_i w_i g_i over the logical batch exactly as in one process. The noise Z is then drawn once
-per step from a generator seeded identically on every rank, so all ranks add the *same* Z and hold
+per step from the same key on every rank (rank 0's OS-entropy key, broadcast over the process group
+and never written; dpft/engine/noise.py), so all ranks add the *same* Z and hold
 the same privatised gradient (S + Z)/B and the same weights after the step — one Gaussian
 mechanism per step with the calibrated σ, accounted once, as without distribution. This is the
 mechanism of Opacus' ``DPDDP`` + ``DistributedDPOptimizer`` (clipped per-sample gradients summed
@@ -90,6 +91,15 @@ class Dist:
         with torch.no_grad():
             for t in tensors:
                 td.broadcast(t.data, src=0)
+
+    def broadcast_bytes(self, data: bytes) -> bytes:
+        """Rank 0's bytes on every rank, through the process group only (the noise key: never on
+        disk, never in the environment)."""
+        import torch.distributed as td
+
+        t = torch.tensor(list(data), dtype=torch.uint8, device=self.device)
+        td.broadcast(t, src=0)
+        return bytes(t.cpu().tolist())
 
     def barrier(self) -> None:
         import torch.distributed as td

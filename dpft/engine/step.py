@@ -3,8 +3,9 @@ optimizer. Every method runs through `dp_step`; `nonprivate_step` is the plain b
 
 Privacy-relevant invariants (tested in tests/test_privacy.py):
 * each example's contribution to the clipped sum S has L2 norm ≤ method.sensitivity();
-* the noise added to S is N(0, std²) per entry with std = method.noise_std()[name], from a
-  generator that nothing else draws from;
+* the noise added to S is N(0, std²) per entry with std = method.noise_std()[name], drawn from
+  the step's `StepNoise` (dpft/engine/noise.py: keyed per run and step, never from the public
+  seed) that nothing else draws from;
 * `method.postprocess` receives only the privatised mean (S + Z)/B and public numbers; S itself
   is used afterwards for the alignment diagnostics only and never reaches the update.
 S, Z and everything after them live in `method.space_shape(name, p)` (the parameter's own shape
@@ -132,11 +133,13 @@ def _clipped_sum_bk(model, batch, method, params, clipped, hooks) -> tuple[Tenso
 
 
 def dp_step(*, model, chunks: list[Batch], method, params: dict[str, nn.Parameter], optimizer,
-            noise_generator: torch.Generator, mode: str, hooks, step: int,
+            noise_generator, mode: str, hooks, step: int,
             alignment: bool = True, per_layer: bool = False, dist=None) -> dict:
     """One DP optimizer step over a Poisson-sampled logical batch split into `chunks`. With
     `dist` (data parallel, dpft/engine/distributed.py) `chunks` is this rank's shard of the
-    logical batch: the clipped sums are summed over ranks before the (once-drawn) noise."""
+    logical batch: the clipped sums are summed over ranks before the (once-drawn) noise.
+    `noise_generator` is the step's `dpft.engine.noise.StepNoise` (training), or a plain
+    torch.Generator (unit tests and benchmarks of the step itself: single draws)."""
     # the privatised space of each parameter: its own shape, or the method's (e.g. grape's projection)
     clipped = {n: torch.zeros(method.space_shape(n, p), dtype=torch.float32, device=p.device)
                for n, p in params.items()}
@@ -159,7 +162,7 @@ def dp_step(*, model, chunks: list[Batch], method, params: dict[str, nn.Paramete
     std = method.noise_std()
     noised = {}
     for name, s in clipped.items():
-        z = torch.normal(0.0, float(std[name]), size=s.shape, generator=noise_generator, device=s.device)
+        z = _gaussian(noise_generator, s.shape, float(std[name]), s.device)
         noised[name] = (s + z) / b
     processed = method.postprocess(noised, {n: float(std[n]) / b for n in noised}, step)
 
@@ -174,6 +177,12 @@ def dp_step(*, model, chunks: list[Batch], method, params: dict[str, nn.Paramete
 
     method.apply_update(params, processed, optimizer, step)
     return stats
+
+
+def _gaussian(noise, shape, std: float, device) -> Tensor:
+    if isinstance(noise, torch.Generator):
+        return torch.normal(0.0, std, size=shape, generator=noise, device=device)
+    return noise.gaussian(shape, std, device)
 
 
 def _alignment(clipped, noised, processed, b, per_layer) -> dict:

@@ -4,6 +4,14 @@ data → tokenizer → model → per-sample hooks (Opacus) → σ calibration �
 batches split into physical micro-batches → `dp_step` → periodic eval → summary. Everything that
 can fail on bad input (data, model, sizes, calibration) runs in `prepare` before the run
 directory is touched.
+
+What a run publishes (metrics.jsonl, W&B, the progress display): `privacy/*` (σ, C, q, ε spent:
+public), `eval/*` (the public evaluation set), `method/*` (computed from privatised gradients and
+public numbers only), `lr`, `step`. Everything under `train/` is a NON-PRIVATE statistic of the
+private batch (loss, exact Poisson batch size, clipped fraction, norm quantiles, the alignment
+cosines that use the clipped sum, step time): outside the DP guarantee, listed in the summary's
+`nonprivate_metrics`, and dropped with `diagnostics.nonprivate=false` (the mode for real private
+data).
 """
 
 from __future__ import annotations
@@ -26,11 +34,14 @@ from dpft import __version__, store
 from dpft.config import RunSpec
 from dpft.data.tasks import TaskData, is_generation, load_task
 from dpft.engine import accountant as acct
+from dpft.engine import noise
 from dpft.engine.step import Batch, dp_step, nonprivate_step
 from dpft.errors import DpftError
 from dpft.methods import PrivacyParams, build_method
 
 log = logging.getLogger("dpft")
+
+NONPRIVATE_PREFIX = "train/"
 
 
 @dataclass
@@ -73,6 +84,15 @@ class Prepared:
     dataset_size: int | None = None
 
     gen: object | None = None  # generation tasks: dpft.engine.generation.GenerationEval
+
+    def data_fingerprint(self) -> str:
+        """Hash of the encoded training set: kept in checkpoints (private) so that a resume on
+        other data is refused."""
+        if "data_fingerprint" not in self.info:
+            e = self.train_enc
+            self.info["data_fingerprint"] = noise.fingerprint(e.input_ids, e.attention_mask, e.labels,
+                                                              e.token_type_ids)
+        return self.info["data_fingerprint"]
 
     def public_n(self) -> int:
         return self.dataset_size if self.dataset_size is not None else len(self.train_enc)
@@ -126,7 +146,13 @@ def prepare(spec: RunSpec, canaries=None) -> Prepared:
     steps = plan_steps(cfg, q)
     delta = sigma = None
     if method.private:
+        noise.check_mode(str(cfg.privacy.get("noise", "secure")))
         delta = float(cfg.privacy.delta) if cfg.privacy.delta is not None else acct.default_delta(n)
+        # δ ≥ 1/N admits mechanisms that publish one example outright (N is public, as in q)
+        if delta >= 1.0 / n and not bool(cfg.privacy.get("unsafe_delta", False)):
+            raise DpftError(f"δ={delta:.3g} is ≥ 1/N = 1/{n} ({'derived as N^-1.1' if cfg.privacy.delta is None else 'privacy.delta'}): "
+                            "such a δ permits releasing an example outright; lower it, add data, or set "
+                            "privacy.unsafe_delta=true")
         sigma = (float(cfg.privacy.noise_multiplier) if cfg.privacy.noise_multiplier is not None
                  else acct.calibrate_sigma(float(cfg.privacy.epsilon), delta, q, steps, cfg.privacy.accountant))
         ceiling = cfg.privacy.get("max_epsilon")
@@ -283,19 +309,27 @@ def run(prep: Prepared, run_path: Path, tracker, progress, resume: dict | None =
         if abs(method.noise_multiplier() - prep.sigma) > 1e-9 * max(1.0, prep.sigma):
             raise DpftError(f"method {method.name} spends σ_eff={method.noise_multiplier()} but σ={prep.sigma} was calibrated")
         accountant = acct.make_accountant(cfg.privacy.accountant)
-        batches = ckpt.PoissonBatches(n, prep.sample_rate, prep.steps, int(cfg.seed) + 1)
-    else:
-        batches = ckpt.ShuffleBatches(n, int(cfg.train.batch_size), int(cfg.seed) + 1)
-    # identically seeded on every data-parallel rank: all ranks add the same noise (distributed.py)
-    noise_gen = torch.Generator(device=device).manual_seed(int(cfg.seed) + 2)
     from dpft.engine import distributed
 
     dist = distributed.current()
     main = dist is None or dist.is_main
+    start = 1 if resume is None else int(resume["step"]) + 1
+    source = None
+    if method.private:
+        # the mechanism's randomness: never a function of the public seed unless privacy.noise=seeded
+        source = noise.NoiseSource.create(str(cfg.privacy.get("noise", "secure")), int(cfg.seed),
+                                          prep.spec.run_id, dist)
+        batches = noise.PoissonBatches(n, prep.sample_rate, source, start=start)
+    else:
+        batches = ckpt.ShuffleBatches(n, int(cfg.train.batch_size), int(cfg.seed) + 1)
+    data_fp = prep.data_fingerprint()
+    meter = acct.EpsilonMeter(str(cfg.privacy.accountant), prep.delta) if method.private else None
+    nonprivate_diag = bool(cfg.diagnostics.get("nonprivate", True))
+    logged_keys: set[str] = set()
     evals: list[dict] = []
-    start = 1
+    lost = 0
     if resume is not None:
-        start = int(resume["step"]) + 1
+        ckpt.check_data(resume, data_fp, run_path / ckpt.NAME)
         with torch.no_grad():
             for name, value in resume["model"].items():
                 params[name].copy_(value.to(device))
@@ -303,12 +337,17 @@ def run(prep: Prepared, run_path: Path, tracker, progress, resume: dict | None =
         schedule.load_state_dict(resume["schedule"])
         method.load_state_dict(resume["method"])
         torch.set_rng_state(resume["rng"]["torch"])
-        noise_gen.set_state(resume["rng"]["noise"])
         if accountant is not None:
             accountant.history = [tuple(h) for h in resume["accountant_history"]]
-            batches.load_state_dict(resume["batches"], done=start - 1)
+            if not source.reproducible:
+                # fresh noise from here on: steps after the checkpoint that were already logged
+                # (and so possibly released) before the crash were a separate release — charge them
+                lost = _logged_after(run_path / "metrics.jsonl", start - 1)
+                for _ in range(lost):
+                    accountant.step(noise_multiplier=method.noise_multiplier(), sample_rate=prep.sample_rate)
         else:
             batches.load_state_dict(resume["batches"])
+        logged_keys = set(resume.get("logged_keys", []))
         evals = [dict(e) for e in resume["evals"]]
         if main:
             _truncate_metrics(run_path / "metrics.jsonl", start - 1)
@@ -322,9 +361,13 @@ def run(prep: Prepared, run_path: Path, tracker, progress, resume: dict | None =
             "run_id": prep.spec.run_id, "step": step,
             "model": {k: v.detach().cpu() for k, v in params.items()},
             "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-            "method": method.state_dict(), "batches": batches.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "noise": noise_gen.get_state()},
+            "method": method.state_dict(),
+            # the Poisson batches and the noise have no state here: they are (key, step) draws
+            "batches": batches.state_dict() if not method.private else {},
+            "rng": {"torch": torch.get_rng_state()},  # dropout etc.: non-private randomness
             "accountant_history": [list(h) for h in accountant.history] if accountant is not None else [],
+            "data_fingerprint": data_fp, "noise": source.mode if source is not None else None,
+            "logged_keys": sorted(logged_keys),
             "evals": evals,
             "wall_time_s": time.time() - t0 + (float(resume.get("wall_time_s", 0.0)) if resume else 0.0),
         })
@@ -348,26 +391,33 @@ def run(prep: Prepared, run_path: Path, tracker, progress, resume: dict | None =
             ts = time.perf_counter()
             if method.private:
                 stats = dp_step(model=model, chunks=chunks, method=method, params=params, optimizer=optimizer,
-                                noise_generator=noise_gen, mode=mode, hooks=hooks, step=step,
-                                alignment=bool(cfg.diagnostics.alignment), per_layer=bool(cfg.diagnostics.per_layer),
-                                dist=dist)
+                                noise_generator=source.for_step(step), mode=mode, hooks=hooks, step=step,
+                                alignment=nonprivate_diag and bool(cfg.diagnostics.alignment),
+                                per_layer=bool(cfg.diagnostics.per_layer), dist=dist)
                 accountant.step(noise_multiplier=method.noise_multiplier(), sample_rate=prep.sample_rate)
             else:
                 stats = nonprivate_step(model=model, chunks=chunks, params=params, optimizer=optimizer)
             schedule.step()
             step_time = time.perf_counter() - ts
-            record = {"step": step, "lr": schedule.get_last_lr()[0], "step_time": step_time}
+            record = {"step": step, "lr": schedule.get_last_lr()[0]}
             if step == start:
-                record["train/moved_frac"] = _check_moved(before, params)
-            record.update({f"train/{k}" if not k.startswith("layer/") else k: v for k, v in stats.items()})
+                moved = _check_moved(before, params)
+            # train/*: non-private statistics of the private batch (module docstring)
+            record.update({"train/step_time": step_time, **({"train/moved_frac": moved} if step == start else {})})
+            record.update({f"train/{k}": v for k, v in stats.items()})
             diag = method.diagnostics()
-            record.update({f"method/{k}": v for k, v in diag.items()})
-            # a method's own cost as a fraction of the whole step (e.g. the denoiser's spectral work)
-            record.update({f"method/{k}_frac": v / step_time for k, v in diag.items()
+            prefix = "train/method/" if method.nonprivate_diagnostics else "method/"
+            record.update({f"{prefix}{k}": v for k, v in diag.items()})
+            # a method's own cost as a fraction of the whole step (timing of the private batch)
+            record.update({f"train/method/{k}_frac": v / step_time for k, v in diag.items()
                            if k.endswith("time_s") and step_time > 0})
+            if not nonprivate_diag:
+                record = {k: v for k, v in record.items() if not k.startswith(NONPRIVATE_PREFIX)}
+            if method.private:  # public: σ, q, δ and the step count
+                eps = meter.epsilon(accountant.history, exact=step in eval_steps) if main else eps
+                if eps is not None:
+                    record["privacy/epsilon"] = eps
             if step in eval_steps and main:
-                if method.private:
-                    eps = acct.epsilon_of(accountant, prep.delta)
                 ev = evaluate(model, prep.eval_enc, device, int(cfg.runtime.eval_batch_size), cfg.task)
                 if prep.gen is not None and prep.gen.due(step, prep.steps):
                     ev.update(prep.gen.score(model, device, int(cfg.runtime.eval_batch_size), "eval",
@@ -378,6 +428,7 @@ def run(prep: Prepared, run_path: Path, tracker, progress, resume: dict | None =
             if step % log_every == 0 or step in eval_steps:
                 metrics.write(record)
                 tracker.log(record, step)
+                logged_keys.update(k for k in record if k.startswith(NONPRIVATE_PREFIX))
             progress.update(step, record)
             if stop.requested if dist is None else dist.any(stop.requested):
                 # SIGTERM/SIGINT: checkpoint at this step boundary, then stop
@@ -393,9 +444,13 @@ def run(prep: Prepared, run_path: Path, tracker, progress, resume: dict | None =
             hooks.cleanup()
 
     wall = time.time() - t0 + (float(resume.get("wall_time_s", 0.0)) if resume else 0.0)
-    summary = _summary(cfg, prep, method, evals, primary, wall, accountant)
+    summary = _summary(cfg, prep, method, evals, primary, wall, accountant, source)
+    summary["nonprivate_metrics"] = sorted(logged_keys)
+    summary["diagnostics"] = "nonprivate logged" if nonprivate_diag else "DP outputs and public evaluations only"
     if resume is not None:
         summary["resumed_from_step"] = start - 1
+        if lost:
+            summary["privacy"]["steps_charged_twice"] = lost
     if dist is not None:
         summary["world_size"] = dist.world
     if not main:  # rank 0 alone evaluates and writes the run
@@ -438,6 +493,12 @@ class _DeferredSignals:
             signal.signal(sig, handler)
 
 
+def _logged_after(path: Path, last_step: int) -> int:
+    """How many steps after `last_step` have a record in metrics.jsonl (released, as far as the
+    run can know: W&B logs the same records after they are written here)."""
+    return len({int(r["step"]) for r in store.read_metrics(path) if int(r.get("step", 0)) > last_step})
+
+
 def _truncate_metrics(path: Path, last_step: int) -> None:
     """Keep the records of steps ≤ last_step (written before the checkpoint); later ones are
     recomputed identically after the resume."""
@@ -464,7 +525,7 @@ def _privacy_record(method, privacy, eps) -> dict:
             "privacy/sample_rate": privacy.sample_rate}
 
 
-def _summary(cfg, prep: Prepared, method, evals, primary, wall, accountant) -> dict:
+def _summary(cfg, prep: Prepared, method, evals, primary, wall, accountant, source=None) -> dict:
     final = evals[-1] if evals else {}
     best = max((e[primary] for e in evals if e.get(primary) is not None), default=None)
     target = cfg.task.get("target")
@@ -485,16 +546,18 @@ def _summary(cfg, prep: Prepared, method, evals, primary, wall, accountant) -> d
     for pct in (90, 95):
         summary[f"steps_to_{pct}"] = (steps_to(evals, primary, pct / 100 * float(target))
                                       if target is not None else None)
-    summary["privacy"] = ledger(cfg, prep, method, accountant)
+    summary["privacy"] = ledger(cfg, prep, method, accountant, source)
     summary["epsilon"] = summary["privacy"]["epsilon"]
     return summary
 
 
-def ledger(cfg, prep: Prepared, method, accountant) -> dict:
+def ledger(cfg, prep: Prepared, method, accountant, source=None) -> dict:
     """Everything needed to re-derive the guarantee: σ, C, q, steps, sampling, accountant, δ, ε —
-    and ε recomputed by an independent accountant (dp_accounting)."""
+    and ε recomputed by an independent accountant (dp_accounting) — and the noise mode that says
+    whether it is a guarantee (secure, entropy) or a simulation (seeded)."""
     if not method.private:
-        return {"private": False, "epsilon": float("inf"), "sampling": "shuffle"}
+        return {"private": False, "epsilon": float("inf"), "sampling": "shuffle",
+                "guarantee": "none: non-private training"}
     eps = acct.epsilon_of(accountant, prep.delta)
     history = [tuple(h) for h in accountant.history]
     try:
@@ -521,7 +584,11 @@ def ledger(cfg, prep: Prepared, method, accountant) -> dict:
         "epsilon_independent": eps_ind,
         "independent_accountant": "dp_accounting." + ("rdp" if cfg.privacy.accountant == "rdp" else "pld"),
         "accountants_disagree": None if disagree is None else bool(disagree > 0.01),
-        "noise_generator": "torch.Generator (not cryptographically secure)",
+        "noise": source.mode if source is not None else None,
+        "guarantee": noise.GUARANTEE[source.mode] if source is not None else None,
+        "simulation": bool(source is not None and source.reproducible),
+        "public": "N (dataset size), q = B/N, δ, σ, C and the step count are public; the noise key is not "
+                  "(dpft/engine/noise.py)",
     }
 
 

@@ -135,10 +135,15 @@ class Method:
         return grads
 
     # -- diagnostics -----------------------------------------------------------------------------
+    #: True when `diagnostics()` reads non-private quantities (per-sample norms, the clipped sum):
+    #: the engine then logs them under `train/method/` (non-private, dropped with
+    #: diagnostics.nonprivate=false) instead of `method/` (DP outputs only)
+    nonprivate_diagnostics = False
+
     def diagnostics(self) -> dict[str, float]:
-        """Scalars logged at every step. They go to the logs only and never feed back into training;
-        any that depend on non-private quantities (per-sample norms, the clipped sum) must say so in
-        their name or the method's docstring, since publishing them is outside the DP guarantee."""
+        """Scalars logged at every step. They go to the logs only and never feed back into training.
+        Unless `nonprivate_diagnostics` is set they must be functions of privatised gradients and
+        public numbers alone, since they are published as DP outputs."""
         return {}
 
     def state_dict(self) -> dict:

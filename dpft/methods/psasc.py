@@ -164,6 +164,8 @@ class PSASC(Method):
             self._seen = None  # empty Poisson draw: nothing was scaled this step
         self._pending = []
 
+    nonprivate_diagnostics = True  # per-sample norm and weight quantiles
+
     def diagnostics(self) -> dict[str, float]:
         """Non-private: quantiles of the per-sample norms ‖g‖ and weights w seen this step."""
         if not self.log_norms:

@@ -1,0 +1,160 @@
+"""The mechanism's randomness: the Gaussian noise and the Poisson batches (`privacy.noise`).
+
+Threat model: the adversary reads everything a run publishes (config.yaml, meta.json,
+metrics.jsonl, summary.json, W&B, the run name) and the released model; it does not read the
+training process' memory or the checkpoint (a private artefact, written owner-only). The Gaussian
+mechanism's guarantee needs the noise Z and the Poisson masks to be unknown to that adversary:
+anyone who can regenerate Z subtracts it from the released update and reads the clipped sum, and
+predictable batches void the subsampling amplification the accountant charges for.
+
+Both come from one *key* and the step number: step t's noise stream and its Poisson mask are
+drawn from torch generators seeded with HMAC-SHA256(key, purpose ‖ t) (64 bits each). The modes
+differ only in the key:
+
+* ``secure`` (default): a 256-bit key from the OS CSPRNG (``secrets``), held in memory only —
+  never written to config, meta, metrics, summary, W&B, the run name or the checkpoint. A resumed
+  run draws a fresh key. Noise is drawn as Opacus' ``secure_mode`` draws it, which guards against
+  floating-point attacks on the Gaussian sampler (Mironov 2012; Jin et al. 2022, arXiv
+  2112.05307): one discarded draw, then (z1+z2+z3+z4)/2, whose std is σC and whose low-order bits
+  no longer follow one sampler's lattice (Holohan & Braghin 2021, arXiv 2107.10138 §5.1).
+* ``entropy``: the same OS key, one draw per noise entry (Opacus' default noise). Protects
+  against everything above except floating-point representation attacks; ~4× cheaper noise.
+* ``seeded``: a research simulation on public data. key = SHA-256("dpft-seeded", seed, run id):
+  bit-reproducible, and no two different configs (the run id hashes the whole resolved config)
+  share draws. **Its ε is not a guarantee against anyone who knows the config**; ledger, summary,
+  W&B and reports say so.
+
+What the installed packages allow: Opacus' secure_mode would take noise from torchcsprng; it has no
+build for torch ≥ 2 (pip finds no distribution), so within a step the streams come from torch's own
+generator (MT19937 on CPU, Philox on CUDA) keyed from the CSPRNG as above. Those streams are not
+cryptographically secure end to end, but the adversary only ever sees them added to the clipped
+sum, never raw. Data-parallel ranks share the key (rank 0 draws it and broadcasts it over the
+process group, never to disk), so all ranks draw the same batch and add the same noise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import struct
+
+import torch
+
+from dpft.errors import DpftError
+
+MODES = ("secure", "entropy", "seeded")
+
+GUARANTEE = {
+    "secure": "ε holds against an adversary who reads the config, logs, W&B and released model "
+              "(noise and batches from an OS-CSPRNG key never written; floating-point guard on)",
+    "entropy": "ε holds against an adversary who reads the config, logs, W&B and released model "
+               "(noise and batches from an OS-CSPRNG key never written); no floating-point guard",
+    "seeded": "SIMULATION: noise and batches are a function of the config (seed and run id); the ε "
+              "is NOT a guarantee against anyone who knows the config",
+}
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise DpftError(f"privacy.noise must be one of {', '.join(MODES)}, got {mode!r}")
+    return mode
+
+
+class NoiseSource:
+    """The key of a run's mechanism randomness and the per-step generators derived from it.
+    Owns no state besides the key: step t's draws depend on (key, t) alone, so a resumed seeded
+    run replays them exactly and a resumed secure run (fresh key) draws new ones."""
+
+    def __init__(self, mode: str, key: bytes):
+        self.mode = check_mode(mode)
+        self._key = key
+
+    @classmethod
+    def create(cls, mode: str, seed: int, run_id: str, dist=None) -> "NoiseSource":
+        check_mode(mode)
+        if mode == "seeded":
+            key = hashlib.sha256(f"dpft-seeded\0{int(seed)}\0{run_id}".encode()).digest()
+        else:
+            key = secrets.token_bytes(32)
+            if dist is not None:  # every rank must add the same noise: rank 0's key, in memory only
+                key = dist.broadcast_bytes(key)
+        return cls(mode, key)
+
+    @property
+    def reproducible(self) -> bool:
+        return self.mode == "seeded"
+
+    def _seed(self, purpose: bytes, step: int) -> int:
+        digest = hmac.new(self._key, purpose + struct.pack(">Q", int(step)), hashlib.sha256).digest()
+        return int.from_bytes(digest[:8], "big") & 0x7FFF_FFFF_FFFF_FFFF
+
+    def generator(self, purpose: str, step: int, device="cpu") -> torch.Generator:
+        return torch.Generator(device=device).manual_seed(self._seed(purpose.encode(), step))
+
+    def for_step(self, step: int) -> "StepNoise":
+        return StepNoise(self, step)
+
+    def __repr__(self) -> str:  # never the key
+        return f"NoiseSource(mode={self.mode!r})"
+
+    def __reduce__(self):  # refuse to be pickled into a checkpoint or a sweep job
+        raise TypeError("NoiseSource holds the mechanism's key and is never serialised")
+
+
+class StepNoise:
+    """Gaussian noise of one optimizer step; `dp_step` calls `gaussian` once per privatised
+    tensor, in the fixed parameter order, so the draws are a function of (key, step)."""
+
+    def __init__(self, source: NoiseSource, step: int):
+        self.source, self.step = source, step
+        self._gens: dict[str, torch.Generator] = {}
+
+    def _gen(self, device: torch.device) -> torch.Generator:
+        kind = torch.device(device).type
+        if kind not in self._gens:
+            self._gens[kind] = self.source.generator(f"noise/{kind}", self.step, device)
+        return self._gens[kind]
+
+    def gaussian(self, shape, std: float, device) -> torch.Tensor:
+        gen = self._gen(device)
+        if std == 0:
+            return torch.zeros(shape, device=device)
+        if self.source.mode != "secure":
+            return torch.normal(0.0, std, size=tuple(shape), generator=gen, device=device)
+        # Opacus secure_mode's draw (opacus/optimizers/optimizer.py::_generate_noise)
+        torch.normal(0.0, std, size=(1, 1), generator=gen, device=device)
+        z = torch.normal(0.0, std, size=tuple(shape), generator=gen, device=device)
+        for _ in range(3):
+            z.add_(torch.normal(0.0, std, size=tuple(shape), generator=gen, device=device))
+        return z.div_(2.0)
+
+
+class PoissonBatches:
+    """Poisson sampling: at step t every example joins independently with probability q (the
+    sampling the accountants assume). The mask of step t comes from the noise source's sampler
+    stream for t, as Opacus' UniformWithReplacementSampler draws it (``rand(N) < q``)."""
+
+    def __init__(self, n: int, q: float, source: NoiseSource, start: int = 1):
+        self.n, self.q, self.source = n, float(q), source
+        self.step = start - 1
+
+    def __next__(self) -> list[int]:
+        self.step += 1
+        gen = self.source.generator("poisson", self.step)
+        mask = torch.rand(self.n, generator=gen) < self.q
+        return mask.nonzero(as_tuple=False).reshape(-1).tolist()
+
+
+def fingerprint(*tensors) -> str:
+    """SHA-256 of the encoded training set (shapes, dtypes and bytes; `None` entries skipped).
+    Stored only in the checkpoint (private): a resume on other data is refused."""
+    h = hashlib.sha256()
+    for t in tensors:
+        if t is None:
+            h.update(b"none")
+            continue
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()

@@ -1,0 +1,324 @@
+"""The mechanism's randomness and what a run publishes (README "Privacy contract").
+
+Threat model under test: the adversary reads config.yaml, meta.json, metrics.jsonl, summary.json,
+W&B and the released model. By default (privacy.noise=secure) the noise and the Poisson batches
+must not be reproducible from any of that; privacy.noise=seeded is a bit-reproducible simulation
+that says so; a resume never re-releases steps on other data nor undercounts released steps."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import read_run, run_dirs, tiny_dp
+
+TINY = ["debug=tiny", "train.steps=4", "train.eval_every=2", "runtime.progress=none", "runtime.checkpoint_every=null"]
+
+
+def _train_in_process(tmp_path: Path, *overrides: str):
+    """Train through the engine's own entry points; returns (metrics, summary, final weights)."""
+    from dpft.config import compose_run
+    from dpft.engine import train as engine
+    from dpft.tracking import NullTracker, Progress
+
+    spec = compose_run([*TINY, f"paths.output_dir={tmp_path}", *overrides])
+    prep = engine.prepare(spec)
+    path = tmp_path / spec.run_id
+    path.mkdir(parents=True, exist_ok=True)
+    summary = engine.run(prep, path, NullTracker(), Progress("none", prep.steps, spec.slug))
+    from dpft.store import read_metrics
+
+    weights = {n: p.detach().clone() for n, p in prep.model.named_parameters() if p.requires_grad}
+    return read_metrics(path / "metrics.jsonl"), summary, weights
+
+
+def _same_weights(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[n], b[n]) for n in a)
+
+
+# -- black-box: the default mode is not a function of the config; seeded mode is ------------------
+
+def test_default_mode_runs_of_one_config_draw_different_noise(tmp_path):
+    m1, s1, w1 = _train_in_process(tmp_path / "a")
+    m2, s2, w2 = _train_in_process(tmp_path / "b")
+    assert s1["run_id"] == s2["run_id"]  # the same public config
+    cos1, cos2 = [r["train/cos_noised"] for r in m1], [r["train/cos_noised"] for r in m2]
+    assert cos1 != cos2
+    assert not _same_weights(w1, w2)
+    assert s1["privacy"]["noise"] == "secure" and s1["privacy"]["simulation"] is False
+    # the pre-fix attack: noise regenerated from the public seed (seed + 2) is not what was added
+    assert s1["privacy"]["epsilon"] == pytest.approx(s2["privacy"]["epsilon"])  # same public ledger
+
+
+def test_seeded_mode_is_bit_identical_and_says_it_is_a_simulation(tmp_path):
+    m1, s1, w1 = _train_in_process(tmp_path / "a", "privacy.noise=seeded")
+    m2, s2, w2 = _train_in_process(tmp_path / "b", "privacy.noise=seeded")
+    strip = lambda ms: [{k: v for k, v in r.items() if k != "train/step_time"} for r in ms]  # noqa: E731
+    assert strip(m1) == strip(m2)
+    assert _same_weights(w1, w2)
+    priv = s1["privacy"]
+    assert priv["noise"] == "seeded" and priv["simulation"] is True
+    assert "NOT a guarantee" in priv["guarantee"]
+
+
+def test_seeded_draws_differ_between_configs_and_from_the_public_seed():
+    from dpft.engine.noise import NoiseSource
+
+    a = NoiseSource.create("seeded", 0, "run-a").for_step(1).gaussian((1000,), 1.0, "cpu")
+    a2 = NoiseSource.create("seeded", 0, "run-a").for_step(1).gaussian((1000,), 1.0, "cpu")
+    b = NoiseSource.create("seeded", 0, "run-b").for_step(1).gaussian((1000,), 1.0, "cpu")
+    step2 = NoiseSource.create("seeded", 0, "run-a").for_step(2).gaussian((1000,), 1.0, "cpu")
+    assert torch.equal(a, a2)
+    # two runs that differ only in ε have different run ids: their noise must not cancel
+    assert abs(float(torch.corrcoef(torch.stack([a, b]))[0, 1])) < 0.2
+    assert abs(float(torch.corrcoef(torch.stack([a, step2]))[0, 1])) < 0.2
+    for s in range(4):  # nor is it the pre-fix stream torch.Generator().manual_seed(seed + k)
+        old = torch.normal(0.0, 1.0, size=(1000,), generator=torch.Generator().manual_seed(s))
+        assert abs(float(torch.corrcoef(torch.stack([a, old]))[0, 1])) < 0.2
+
+
+def test_two_configs_differing_only_in_epsilon_do_not_share_noise(tmp_path):
+    """The cancellation attack: (θ_ε3 − θ_ε8) must not be noise-free up to a scale."""
+    from dpft.config import compose_run
+    from dpft.engine.noise import NoiseSource
+
+    ids = [compose_run([*TINY, f"privacy.epsilon={e}", "privacy.noise=seeded"]).run_id for e in (3, 8)]
+    assert ids[0] != ids[1]
+    z = [NoiseSource.create("seeded", 0, i).for_step(1).gaussian((4000,), 1.0, "cpu") for i in ids]
+    assert abs(float(torch.corrcoef(torch.stack(z))[0, 1])) < 0.1
+
+
+def test_the_noise_key_is_never_written(tmp_path, monkeypatch):
+    """Pin the OS key, train with checkpoints, and look for the key and every per-step seed derived
+    from it in every file the run wrote (config, meta, metrics, summary, checkpoint)."""
+    import secrets
+
+    from dpft.engine import noise as noise_mod
+
+    key = bytes(range(7, 39))
+    monkeypatch.setattr(secrets, "token_bytes", lambda n=32: key[:n])
+    from dpft.config import compose_run
+    from dpft.engine import checkpoint as ckpt
+    from dpft.engine import train as engine
+    from dpft.tracking import NullTracker, Progress
+
+    spec = compose_run([*TINY[:-1], "runtime.checkpoint_every=1", f"paths.output_dir={tmp_path}"])
+    prep = engine.prepare(spec)
+    path = tmp_path / "run"
+    path.mkdir()
+    saved = []
+    real_save = ckpt.save
+    monkeypatch.setattr(ckpt, "save", lambda p, state: (saved.append(dict(state)), real_save(p, state)))
+    engine.run(prep, path, NullTracker(), Progress("none", prep.steps, spec.slug))
+    assert saved, "no checkpoint was taken"
+    source = noise_mod.NoiseSource("secure", key)
+    needles = [key.hex(), str(int.from_bytes(key, "big"))]
+    for step in range(0, 6):
+        for purpose in (b"noise/cpu", b"poisson"):
+            needles.append(str(source._seed(purpose, step)))
+    blobs = [p.read_bytes() for p in path.rglob("*") if p.is_file()]
+    blobs += [repr(s).encode() for s in saved]
+    for blob in blobs:
+        assert key not in blob
+        for needle in needles:
+            assert needle.encode() not in blob
+    for state in saved:
+        assert "noise" not in state["rng"] and state["batches"] == {}
+
+
+def test_secure_noise_has_std_sigma_C_and_is_guarded():
+    from dpft.engine.noise import NoiseSource
+
+    src = NoiseSource.create("secure", 0, "x")
+    z = src.for_step(1).gaussian((400_000,), 0.5, "cpu")
+    # std of the sample std for n = 4e5 normals: 0.5/sqrt(2n) ≈ 5.6e-4; 6 of them
+    assert float(z.std()) == pytest.approx(0.5, abs=3.5e-3)
+    assert float(z.mean()) == pytest.approx(0.0, abs=6 * 0.5 / math.sqrt(4e5))
+    # the guard draws (z1+z2+z3+z4)/2 after one discarded draw: not the single-draw stream
+    plain = NoiseSource("entropy", src._key).for_step(1).gaussian((400_000,), 0.5, "cpu")
+    assert not torch.equal(z, plain)
+    again = NoiseSource("secure", src._key).for_step(1).gaussian((400_000,), 0.5, "cpu")
+    assert torch.equal(z, again)  # a function of (key, step) only
+
+
+def test_dp_step_adds_the_secure_noise_with_std_sigma_C_over_B():
+    """End to end through dp_step: with all examples' gradients zeroed out (lr-1 SGD, empty batch)
+    the update is exactly minus the noise / B."""
+    from dpft.engine.noise import NoiseSource
+    from dpft.engine.step import dp_step
+
+    model, params, method, hooks, opt = tiny_dp(sigma=2.0, clip=0.5, batch=4.0)
+    before = {n: p.detach().clone() for n, p in params.items()}
+    dp_step(model=model, chunks=[], method=method, params=params, optimizer=opt,
+            noise_generator=NoiseSource.create("secure", 0, "x").for_step(1), mode="hooks", hooks=hooks,
+            step=1, alignment=False)
+    z = torch.cat([(before[n] - p.detach()).flatten() for n, p in params.items()])
+    assert z.numel() > 100_000
+    assert float(z.std()) == pytest.approx(2.0 * 0.5 / 4.0, rel=0.02)
+    hooks.cleanup()
+
+
+def test_poisson_masks_have_rate_q_and_depend_on_the_key():
+    from dpft.engine.noise import NoiseSource, PoissonBatches
+
+    n, q = 20_000, 0.05
+    src = NoiseSource.create("secure", 0, "x")
+    batches = PoissonBatches(n, q, src)
+    sizes = [len(next(batches)) for _ in range(5)]
+    for s in sizes:  # Binomial(n, q): sd = sqrt(n q (1-q)) ≈ 31; 6 sd
+        assert abs(s - n * q) < 6 * math.sqrt(n * q * (1 - q))
+    first = PoissonBatches(n, q, src)
+    resumed = PoissonBatches(n, q, src, start=3)  # step t's mask depends on (key, t) alone
+    masks = [next(first) for _ in range(3)]
+    assert next(resumed) == masks[2]
+    other = PoissonBatches(n, q, NoiseSource.create("secure", 0, "x"))
+    assert next(other) != masks[0]
+
+
+# -- resume: other data refused; lost released steps charged ---------------------------------------
+
+def _write_sst2(d: Path, flip: bool = False) -> None:
+    import random
+
+    rng = random.Random(0)
+    words = ["good", "bad", "great", "awful", "fine", "dull", "superb", "poor"]
+    d.mkdir(parents=True, exist_ok=True)
+    for name, n in (("train.tsv", 120), ("dev.tsv", 40)):
+        rows = ["sentence\tlabel"]
+        for i in range(n):
+            label = i % 2
+            if flip and name == "train.tsv" and i == 0:
+                label = 1 - label
+            rows.append(" ".join(rng.choice(words) for _ in range(6)) + f"\t{label}")
+        (d / name).write_text("\n".join(rows) + "\n")
+
+
+def _interrupt_at(monkeypatch, at_step: int):
+    """Raise KeyboardInterrupt from the progress display at `at_step` (after its record is logged,
+    before that step's checkpoint): a crash that loses one logged step."""
+    from dpft import tracking
+
+    real = tracking.Progress.update
+
+    def update(self, step, record):
+        real(self, step, record)
+        if step == at_step:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(tracking.Progress, "update", update)
+
+
+ARGS = ["debug=tiny", "task=sst2", "train.steps=8", "train.batch_size=24", "train.eval_every=4",
+        "runtime.checkpoint_every=2", "runtime.progress=plain"]
+
+
+def test_resume_on_changed_training_data_is_refused(tmp_path, dpft, monkeypatch):
+    data = tmp_path / "data"
+    _write_sst2(data)
+    args = [*ARGS, f"task.data_dir={data}"]
+    with monkeypatch.context() as m:
+        _interrupt_at(m, 5)
+        r = dpft("train", *args)
+    assert r.exit_code != 0
+    (run,) = run_dirs(dpft.output_dir)
+    assert (run / "checkpoint.pt").exists()
+    _write_sst2(data, flip=True)  # one training label changed, same config and run id
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    r = dpft("train", *args, "--resume")
+    assert r.exit_code != 0
+    assert "other training data" in (r.stderr + r.stdout)
+    assert "Traceback" not in r.stderr + r.stdout
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name in before} == before
+
+
+@pytest.mark.parametrize("mode", ["secure", "seeded"])
+def test_resume_charges_released_steps_in_secure_mode(tmp_path, dpft, monkeypatch, mode):
+    data = tmp_path / "data"
+    _write_sst2(data)
+    args = [*ARGS, f"task.data_dir={data}", f"privacy.noise={mode}"]
+    with monkeypatch.context() as m:
+        _interrupt_at(m, 5)  # steps 1-5 logged, checkpoint at step 4: step 5 was released once
+        assert dpft("train", *args).exit_code != 0
+    r = dpft("train", *args, "--resume")
+    assert r.exit_code == 0, r.stderr
+    (run,) = run_dirs(dpft.output_dir)
+    metrics, summary, _ = read_run(run)
+    assert [m["step"] for m in metrics] == list(range(1, 9))
+    priv = summary["privacy"]
+    if mode == "secure":  # fresh noise after the resume: step 5 counts twice
+        assert priv["steps"] == 9 and priv["steps_charged_twice"] == 1
+        assert priv["epsilon"] > priv["epsilon_target"]
+        assert priv["accountants_disagree"] is False  # the independent accountant sees 9 steps too
+    else:  # the same noise is replayed: the released step is the same release
+        assert priv["steps"] == 8 and "steps_charged_twice" not in priv
+        ref = tmp_path / "ref"
+        assert dpft("train", *args, output_dir=ref).exit_code == 0
+        ref_metrics, ref_summary, _ = read_run(run_dirs(ref)[0])
+        assert [m["train/loss"] for m in metrics] == [m["train/loss"] for m in ref_metrics]
+
+
+def test_checkpoints_are_owner_only_whatever_the_umask(tmp_path):
+    from dpft.engine import checkpoint as ckpt
+
+    old = os.umask(0)
+    try:
+        ckpt.save(tmp_path / ckpt.NAME, {"run_id": "x", "step": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / ckpt.NAME).stat().st_mode & 0o777 == 0o600
+
+
+# -- what runs publish; δ -------------------------------------------------------------------------
+
+def test_nonprivate_diagnostics_are_prefixed_listed_and_switchable(tmp_path):
+    m, s, _ = _train_in_process(tmp_path / "all", "method=psasc")
+    keys = set().union(*m)
+    assert {"train/loss", "train/batch_size", "train/cos_noised", "train/step_time"} <= keys
+    assert any(k.startswith("train/method/norm_p") for k in keys)  # psasc's per-sample norm quantiles
+    assert not any(k.startswith(("layer/", "method/norm_p")) or k == "step_time" for k in keys)
+    assert set(s["nonprivate_metrics"]) == {k for k in keys if k.startswith("train/")}
+
+    m, s, _ = _train_in_process(tmp_path / "dp", "method=psasc", "diagnostics.nonprivate=false")
+    keys = set().union(*m)
+    assert not any(k.startswith("train/") for k in keys)
+    assert {"privacy/epsilon", "eval/accuracy", "lr", "step"} <= keys
+    assert s["nonprivate_metrics"] == []
+
+
+def test_epsilon_spent_is_logged_from_step_one_and_matches_the_accountant(tmp_path):
+    from dpft.engine import accountant as acct
+
+    m, s, _ = _train_in_process(tmp_path)
+    eps = [r["privacy/epsilon"] for r in m]
+    assert len(eps) == 4 and all(a < b for a, b in zip(eps, eps[1:]))
+    sigma, q = s["privacy"]["sigma"], s["privacy"]["sample_rate"]
+    for t, e in enumerate(eps, 1):
+        ref = acct.make_accountant("rdp")
+        ref.history = [(sigma, q, t)]
+        assert e == pytest.approx(acct.epsilon_of(ref, s["privacy"]["delta"]), rel=1e-12)
+
+
+@pytest.mark.parametrize("extra,ok", [
+    (["task.num_train=1", "train.batch_size=1"], False),      # derived δ = N^-1.1 = 1
+    (["privacy.delta=0.01"], False),                           # N = 400: 1/N = 0.0025
+    (["privacy.delta=0.01", "privacy.unsafe_delta=true"], True),
+])
+def test_delta_at_least_one_over_n_is_refused_unless_forced(dpft, extra, ok):
+    r = dpft("train", "debug=tiny", "train.steps=1", "train.eval_every=null", "runtime.progress=none", *extra)
+    if ok:
+        assert r.exit_code == 0, r.stderr
+        return
+    assert r.exit_code != 0
+    assert "1/N" in (r.stderr + r.stdout) and "Traceback" not in r.stderr + r.stdout
+    assert not run_dirs(dpft.output_dir)  # nothing written
+
+
+def test_unknown_noise_mode_is_one_line(dpft):
+    r = dpft("train", "debug=tiny", "privacy.noise=urandom")
+    assert r.exit_code != 0 and "privacy.noise" in (r.stderr + r.stdout)
+    assert not run_dirs(dpft.output_dir)
