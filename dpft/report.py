@@ -468,16 +468,15 @@ def verdict(n_better: int, n_worse: int, alpha: float) -> tuple[str, float, str]
     p = sign_test_p(n_better, n_worse)
     n = n_better + n_worse
     if p <= alpha and n_better > n_worse:
-        return "supported", p, f"supported: sign test p = {p:.3g} ≤ α = {alpha:g}"
+        return "supported", p, f"supported at α = {alpha:g}"
     if p <= alpha and n_worse > n_better:
-        return "contradicted", p, f"contradicted: sign test p = {p:.3g} ≤ α = {alpha:g}, the baseline is better"
-    why = f"inconclusive at this n: p = {p:.3g} > α = {alpha:g}"
+        return "contradicted", p, f"contradicted at α = {alpha:g} (the baseline is better)"
+    why = f"inconclusive at this n (p > α = {alpha:g}"
     if n == 0:
         why += "; every pair is tied"
     elif smallest_p(n) > alpha:
-        pairs = f"{n} non-tied pair{'s' if n > 1 else ''}"
-        why += f"; {pairs} cannot give p ≤ α (smallest possible p {smallest_p(n):.3g})"
-    return "inconclusive", p, why
+        why += f"; {n} non-tied pair{'s' if n > 1 else ''}: smallest possible p {smallest_p(n):.3g}"
+    return "inconclusive", p, why + ")"
 
 
 @dataclass
