@@ -450,13 +450,17 @@ def bootstrap_ci(diffs, confidence: float, seed: int = BOOTSTRAP_SEED) -> tuple[
         return float("nan"), float("nan")
     if float(np.ptp(x)) == 0.0:
         return float(x[0]), float(x[0])
+    import warnings
+
     lo = hi = float("nan")
     for method in ("BCa", "percentile"):  # BCa is undefined for some tiny, lopsided samples
         kw = dict(confidence_level=confidence, n_resamples=BOOTSTRAP_RESAMPLES, method=method, vectorized=True)
-        try:
-            res = bootstrap((x,), np.mean, rng=np.random.default_rng(seed), **kw)
-        except TypeError:  # scipy < 1.15 names the generator random_state
-            res = bootstrap((x,), np.mean, random_state=np.random.default_rng(seed), **kw)
+        with warnings.catch_warnings():  # a degenerate BCa warns and returns NaN: handled below
+            warnings.simplefilter("ignore")
+            try:
+                res = bootstrap((x,), np.mean, rng=np.random.default_rng(seed), **kw)
+            except TypeError:  # scipy < 1.15 names the generator random_state
+                res = bootstrap((x,), np.mean, random_state=np.random.default_rng(seed), **kw)
         lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
         if not (math.isnan(lo) or math.isnan(hi)):
             break
