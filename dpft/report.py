@@ -6,7 +6,9 @@ so other experiments in the same store never leak into a table. Every number is 
 local runs indistinguishable. Outputs are byte-stable: rows and columns follow the plan's order,
 floats have fixed formats, and nothing depends on time, paths or library-generated ids.
 
-The ``report:`` block of a sweep file says what to tabulate; see ``dpft/sweeps/kappa.yaml``.
+The ``report:`` block of a sweep file says what to tabulate; see ``dpft/sweeps/kappa.yaml``. Its
+``compare:`` list states claims (treatment vs baseline rows, paired run for run) that are tested with
+an exact sign test and a seeded bootstrap interval; see the README's "Claims" and any ``*-cpu.yaml``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from dpft.errors import DpftError
 from dpft.sweep import Job, Plan
 
 REPORT_KEYS = ("title", "metric", "rows", "cols", "over", "measures", "target", "target_by", "scale", "digits",
-               "bold", "labels", "paper", "curves", "better")
+               "bold", "labels", "paper", "curves", "better", "compare")
+CLAIM_KEYS = ("claim", "baseline", "treatment", "measure", "better", "pool", "alpha")
 CURVE_KEYS = ("hue", "panels", "metric", "improvement", "smooth")
 GROUP_KEYS = ("method", "model", "task", "privacy", "optim", "logger", "debug")
 
@@ -60,6 +63,7 @@ class ReportSpec:
     curves: dict
     better: str = "max"
     auto_rows: list[str] = field(default_factory=list)
+    compare: list["Claim"] = field(default_factory=list)
 
     def display(self, key: str) -> str:
         return self.labels.get(key, key)
@@ -152,7 +156,95 @@ def parse_report(block: dict, plan: Plan) -> ReportSpec:
         extra = set(p) - set(rows) - set(cols) - {"measure", "value", "source"}
         if extra or "value" not in p:
             raise DpftError(f"report.paper entry {p}: keys must be the row/column keys plus measure and value")
+    spec.compare = _parse_claims(block.get("compare"), spec, scale, digits)
     return spec
+
+
+# --------------------------------------------------------------------------- claims (report.compare)
+
+
+@dataclass
+class Claim:
+    """One `report.compare` entry: does the treatment beat the baseline on `measure`, run for run?
+
+    Each treatment run is paired with the baseline run that has the same label for every other
+    report key (rows, cols, over: so the same seed, task, ε, ...); a key a block lacks (— on the
+    baseline rows, e.g. a method's own knob) is not used for pairing. Pairs are grouped by the
+    table's row/col keys, except `over` and `pool`, which are pooled into one test per group."""
+    index: int
+    text: str
+    baseline: dict[str, Any]
+    treatment: dict[str, Any]
+    measure: Measure
+    better: str
+    pool: list[str]
+    alpha: float
+
+    @property
+    def name(self) -> str:
+        return f"C{self.index}"
+
+
+def _claim_selector(value, where: str, keys: list[str], required: bool) -> dict[str, Any]:
+    if value is None and not required:
+        return {}
+    if not isinstance(value, dict) or not value:
+        raise DpftError(f"{where} must be a mapping of row/column keys to values, e.g. {{method: dpsgd}}")
+    bad = [str(k) for k in value if str(k) not in keys]
+    if bad:
+        raise DpftError(f"{where}: key(s) {', '.join(bad)} are not row/column keys of the report "
+                        f"({', '.join(keys) or 'none'})")
+    if any(isinstance(v, (list, dict)) for v in value.values()):
+        raise DpftError(f"{where}: each key takes one value (one baseline per claim)")
+    return {str(k): v for k, v in value.items()}
+
+
+def _parse_claims(items, spec: ReportSpec, scale: float, digits: int) -> list[Claim]:
+    if items is None:
+        return []
+    if not isinstance(items, list) or not all(isinstance(c, dict) for c in items):
+        raise DpftError("report.compare must be a list of claims {claim: ..., baseline: {key: value}, measure: ...}")
+    keys = spec.rows + spec.cols
+    by_label = {m.label: m for m in spec.measures} | {m.spec: m for m in spec.measures}
+    out = []
+    for i, item in enumerate(items, 1):
+        where = f"report.compare[{i}]"
+        unknown = sorted(set(map(str, item)) - set(CLAIM_KEYS))
+        if unknown:
+            raise DpftError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(CLAIM_KEYS)}")
+        for req in ("claim", "baseline", "measure"):
+            if item.get(req) in (None, ""):
+                raise DpftError(f"{where}: '{req}' is required (claim: text with its provenance tag, "
+                                "baseline: {key: value}, measure: a report measure)")
+        baseline = _claim_selector(item["baseline"], f"{where}.baseline", keys, True)
+        treatment = _claim_selector(item.get("treatment"), f"{where}.treatment", keys, False)
+        if isinstance(item["measure"], (dict, list)):
+            raise DpftError(f"{where}.measure: name one measure (final, best, @<step>, steps_to_<p>, mean:<key>)")
+        mspec = str(item["measure"])
+        try:
+            measure = by_label.get(mspec) or _measure(mspec, scale, digits, spec.better)
+        except DpftError as e:
+            raise DpftError(f"{where}: {e}") from None
+        better = str(item.get("better", measure.better))
+        if better not in ("max", "min"):
+            raise DpftError(f"{where}.better must be max or min, got {better!r}")
+        pool = _as_list(item.get("pool"), f"compare[{i}].pool")
+        bad = [k for k in pool if k not in keys + spec.over]
+        if bad:
+            raise DpftError(f"{where}.pool: {', '.join(bad)} not a row/column key ({', '.join(keys)}); "
+                            f"{', '.join(spec.over) or 'nothing'} is pooled always")
+        clash = [k for k in pool if k in baseline]
+        if clash:
+            raise DpftError(f"{where}.pool: cannot pool the compared key(s) {', '.join(clash)}")
+        try:
+            alpha = float(item.get("alpha", 0.05))
+        except (TypeError, ValueError):
+            alpha = float("nan")
+        if not 0.0 < alpha < 1.0:
+            raise DpftError(f"{where}.alpha must be a number in (0, 1), got {item.get('alpha')!r}")
+        out.append(Claim(i, str(item["claim"]).strip(), baseline, treatment, measure, better,
+                         [k for k in pool if k not in spec.over], alpha))
+    return out
 
 
 # --------------------------------------------------------------------------- labels
@@ -328,6 +420,192 @@ def _targets(spec: ReportSpec, runs: list[RunData]) -> str:
     return f"target = best final mean {spec.metric} in this sweep per {by} ({desc})"
 
 
+# --------------------------------------------------------------------------- claim statistics
+
+BOOTSTRAP_RESAMPLES = 9999
+BOOTSTRAP_SEED = 0  # fixed: the same runs give the same interval, byte for byte
+
+
+def sign_test_p(n_better: int, n_worse: int) -> float:
+    """Two-sided exact sign test (binomial, p = 1/2) on the non-tied pairs; 1 when there are none."""
+    from scipy.stats import binomtest
+
+    n = n_better + n_worse
+    return 1.0 if n == 0 else float(binomtest(n_better, n, 0.5, alternative="two-sided").pvalue)
+
+
+def smallest_p(n: int) -> float:
+    """The smallest two-sided sign-test p-value that n non-tied pairs can give (all one way)."""
+    return min(1.0, 2.0 * 0.5 ** n) if n > 0 else 1.0
+
+
+def bootstrap_ci(diffs, confidence: float, seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
+    """BCa bootstrap interval of the mean (scipy.stats.bootstrap, seeded). NaN for fewer than two
+    values; a point interval when every value is the same (the resamples cannot vary)."""
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    x = np.asarray(diffs, dtype="float64")
+    if len(x) < 2:
+        return float("nan"), float("nan")
+    if float(np.ptp(x)) == 0.0:
+        return float(x[0]), float(x[0])
+    import warnings
+
+    lo = hi = float("nan")
+    for method in ("BCa", "percentile"):  # BCa is undefined for some tiny, lopsided samples
+        kw = dict(confidence_level=confidence, n_resamples=BOOTSTRAP_RESAMPLES, method=method, vectorized=True)
+        with warnings.catch_warnings():  # a degenerate BCa warns and returns NaN: handled below
+            warnings.simplefilter("ignore")
+            try:
+                res = bootstrap((x,), np.mean, rng=np.random.default_rng(seed), **kw)
+            except TypeError:  # scipy < 1.15 names the generator random_state
+                res = bootstrap((x,), np.mean, random_state=np.random.default_rng(seed), **kw)
+        lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
+        if not (math.isnan(lo) or math.isnan(hi)):
+            break
+    return lo, hi
+
+
+def verdict(n_better: int, n_worse: int, alpha: float) -> tuple[str, float, str]:
+    """(supported | contradicted | inconclusive, sign-test p, one-line reason)."""
+    p = sign_test_p(n_better, n_worse)
+    n = n_better + n_worse
+    if p <= alpha and n_better > n_worse:
+        return "supported", p, f"supported at α = {alpha:g}"
+    if p <= alpha and n_worse > n_better:
+        return "contradicted", p, f"contradicted at α = {alpha:g} (the baseline is better)"
+    why = f"inconclusive at this n (p > α = {alpha:g}"
+    if n == 0:
+        why += "; every pair is tied"
+    elif smallest_p(n) > alpha:
+        why += f"; {n} non-tied pair{'s' if n > 1 else ''}: smallest possible p {smallest_p(n):.3g}"
+    return "inconclusive", p, why + ")"
+
+
+@dataclass
+class ClaimResult:
+    claim: Claim
+    group: str                  # the group's row/col labels, "all" when everything is pooled
+    pairs: int
+    better: int
+    equal: int
+    worse: int
+    censored: tuple[int, int]   # pairs whose treatment / baseline run never reached the target
+    mean: float                 # mean paired difference, treatment − baseline (table scale)
+    ci: tuple[float, float]
+    p: float
+    verdict: str
+    reason: str
+    unpaired: int               # treatment runs without a finished, measurable baseline partner
+
+
+def _claim_value(run: RunData, m: Measure, metric: str) -> float:
+    """As the table's value, but a steps-to-target that never reached the target is +inf (censored:
+    worse than any reached step) instead of missing."""
+    if m.kind != "steps_to":
+        return _value(run, m, metric)
+    evals = run.evals(metric)
+    if run.target is None or not evals:
+        return float("nan")
+    threshold = m.pct / 100.0 * run.target
+    return next((float(r["step"]) for r in evals if r[metric] >= threshold), math.inf)
+
+
+def _horizon(run: RunData) -> float:
+    steps = _flat(run.job.config).get("train.steps")
+    if isinstance(steps, int) and not isinstance(steps, bool):
+        return float(steps)
+    return float(max((int(r["step"]) for r in run.records if "step" in r), default=0))
+
+
+def _claim_matches(sel: dict[str, Any], labels: dict[str, str]) -> bool:
+    return all(_same_label(v, labels[k]) for k, v in sel.items())
+
+
+def evaluate_claim(claim: Claim, spec: ReportSpec, plan: Plan, labels: dict[str, dict[str, str]],
+                   runs: list[RunData]) -> list[ClaimResult]:
+    where = f"report.compare[{claim.index}]"
+    jobs = plan.jobs
+    for what, sel in (("baseline", claim.baseline), ("treatment", claim.treatment)):
+        for k, v in sel.items():
+            seen = _ordered_unique(labels[j.run_id][k] for j in jobs)
+            if not any(_same_label(v, lab) for lab in seen):
+                raise DpftError(f"{where}.{what}: {k}={fmt_label(v)} matches no job of this sweep; "
+                                f"{k} takes {', '.join(seen)}")
+    base = [j for j in jobs if _claim_matches(claim.baseline, labels[j.run_id])]
+    treat = [j for j in jobs if not _claim_matches(claim.baseline, labels[j.run_id])
+             and _claim_matches(claim.treatment, labels[j.run_id])]
+    if not treat:
+        raise DpftError(f"{where}: no job is a treatment row (one that is not the baseline"
+                        + (" and matches treatment" if claim.treatment else "") + "): nothing to compare with")
+    pair_keys = [k for k in spec.rows + spec.cols + spec.over if k not in claim.baseline]
+    group_keys = [k for k in spec.rows + spec.cols if k not in spec.over and k not in claim.pool]
+    by_id = {r.job.run_id: r for r in runs}
+    value = {r.job.run_id: _claim_value(r, claim.measure, spec.metric) for r in runs}
+    groups: dict[tuple, list] = {}
+    unpaired: dict[tuple, int] = {}
+    for t in treat:
+        tl = labels[t.run_id]
+        partners = [b for b in base if all(labels[b.run_id][k] in (tl[k], MISSING) or tl[k] == MISSING
+                                           for k in pair_keys)]
+        if len(partners) > 1:
+            first = labels[partners[0].run_id]
+            differ = sorted({k for b in partners for k in pair_keys if labels[b.run_id][k] != first[k]})
+            raise DpftError(f"{where}: job {t.describe()} pairs with {len(partners)} baseline jobs (they differ in "
+                            f"{', '.join(differ)}); name that key in baseline or treatment")
+        g = tuple(tl[k] for k in group_keys)
+        groups.setdefault(g, [])
+        b = partners[0] if partners else None
+        vt = value.get(t.run_id, float("nan"))
+        vb = value.get(b.run_id, float("nan")) if b is not None else float("nan")
+        if math.isnan(vt) or math.isnan(vb):
+            unpaired[g] = unpaired.get(g, 0) + (1 if t.run_id in by_id else 0)
+            continue
+        groups[g].append((by_id[t.run_id], vt, by_id[b.run_id], vb))
+    out = []
+    for g, pairs in groups.items():
+        n_better = n_equal = n_worse = 0
+        diffs, cens_t, cens_b = [], 0, 0
+        for rt, vt, rb, vb in pairs:
+            if vt == vb:
+                n_equal += 1
+            elif (vt > vb) == (claim.better == "max"):
+                n_better += 1
+            else:
+                n_worse += 1
+            cens_t += math.isinf(vt)
+            cens_b += math.isinf(vb)
+            # a censored steps-to-target counts as train.steps + 1 in the mean: a lower bound
+            st = _horizon(rt) + 1 if math.isinf(vt) else vt
+            sb = _horizon(rb) + 1 if math.isinf(vb) else vb
+            diffs.append(st - sb)
+        v, p, reason = verdict(n_better, n_worse, claim.alpha)
+        mean = sum(diffs) / len(diffs) if diffs else float("nan")
+        label = " · ".join(f"{spec.display(k)}={x}" for k, x in zip(group_keys, g) if x != MISSING) or "all"
+        out.append(ClaimResult(claim, label, len(pairs), n_better, n_equal, n_worse, (cens_t, cens_b), mean,
+                               bootstrap_ci(diffs, 1.0 - claim.alpha), p, v, reason, unpaired.get(g, 0)))
+    return out
+
+
+def claim_header(claim: Claim, spec: ReportSpec) -> str:
+    """What a claim's numbers mean, in one paragraph (the md/tex caption and the csv's columns)."""
+    sel = lambda d: ", ".join(f"{spec.display(k)}={fmt_label(v)}" for k, v in d.items())  # noqa: E731
+    treat = sel(claim.treatment) or "every non-baseline row"
+    pooled = ", ".join(spec.display(k) for k in spec.over + claim.pool) or "nothing"
+    m = claim.measure
+    text = (f"{claim.name}: {claim.text} — {treat} vs baseline {sel(claim.baseline)}, paired on every other key; "
+            f"measure {m.label} ({'higher' if claim.better == 'max' else 'lower'} is better); pooled over {pooled}. "
+            f"better/equal/worse count the treatment's pairs; p: two-sided exact sign test on the non-tied pairs; "
+            f"mean difference treatment − baseline with a {1 - claim.alpha:.0%} BCa bootstrap interval "
+            f"({BOOTSTRAP_RESAMPLES} resamples, seed {BOOTSTRAP_SEED}); α = {claim.alpha:g}.")
+    if m.kind == "steps_to":
+        text += (" Never reached: censored, ordered worse than any reached step (and tied with another never"
+                 " reached); in the mean difference it counts as train.steps + 1, a bound that understates"
+                 " the difference.")
+    return text
+
+
 # --------------------------------------------------------------------------- tables
 
 
@@ -343,6 +621,7 @@ class Report:
     missing: list[Job]
     runs: list[RunData]
     files: list[Path] = field(default_factory=list)
+    claims: list[ClaimResult] = field(default_factory=list)
 
 
 def _same_label(value: Any, label: str) -> bool:
@@ -366,6 +645,7 @@ def _paper_value(spec: ReportSpec, row: tuple, col: tuple, m: Measure) -> float:
 
 
 def build(plan: Plan, block: dict) -> Report:
+    require_deps(plots=False)
     import pandas as pd
 
     spec = parse_report(block, plan)
@@ -373,7 +653,9 @@ def build(plan: Plan, block: dict) -> Report:
     if not runs:
         raise DpftError(f"sweep {plan.name}: none of the {len(plan.jobs)} planned runs has finished in "
                         f"{plan.output_dir} (run `dpft sweep {plan.name}` first, or pull them with --from-wandb)")
-    target_desc = _targets(spec, runs) if any(m.kind == "steps_to" for m in spec.measures) else ""
+    _check_logged(spec, runs)
+    claim_measures = [c.measure for c in spec.compare]
+    target_desc = _targets(spec, runs) if any(m.kind == "steps_to" for m in spec.measures + claim_measures) else ""
 
     row_of = lambda rid: tuple(labels[rid][k] for k in spec.rows)  # noqa: E731
     col_of = lambda rid: tuple(labels[rid][k] for k in spec.cols)  # noqa: E731
@@ -433,7 +715,47 @@ def build(plan: Plan, block: dict) -> Report:
     if spec.auto_rows:
         parts.append(f"Swept but not in the report's rows/cols, so added as rows: {', '.join(spec.auto_rows)}.")
     parts.append(f"{len(runs)}/{len(plan.jobs)} planned runs finished.")
-    return Report(spec, plan, cells, row_keys, col_keys, columns, " ".join(parts), missing, runs)
+    claims = [res for c in spec.compare for res in evaluate_claim(c, spec, plan, labels, runs)]
+    if claims and target_desc and not any(m.kind == "steps_to" for m in spec.measures):
+        parts.append(f"Claims' steps to p%: {target_desc}.")
+    return Report(spec, plan, cells, row_keys, col_keys, columns, " ".join(parts), missing, runs, claims=claims)
+
+
+def _logged_keys(runs: list[RunData]) -> set[str]:
+    return {k for r in runs for rec in r.records for k, v in rec.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _unknown_key(where: str, key: str, keys: set[str]) -> DpftError:
+    import difflib
+
+    near = difflib.get_close_matches(key, sorted(keys), n=1)
+    prefix = key.split("/")[0] + "/" if "/" in key else ""
+    shown = sorted(k for k in keys if k.startswith(prefix)) or sorted(keys)
+    listed = ", ".join(shown[:15]) + (f", … ({len(shown) - 15} more)" if len(shown) > 15 else "")
+    hint = f"did you mean {near[0]}? " if near else ""
+    return DpftError(f"{where}: no finished run logged '{key}'; {hint}logged keys: {listed or 'none'}")
+
+
+def _check_logged(spec: ReportSpec, runs: list[RunData]) -> None:
+    """A typo in a metric key or an eval step no run has is an error, not a column of dashes."""
+    keys = _logged_keys(runs)
+    if spec.metric not in keys:
+        raise _unknown_key("report.metric", spec.metric, keys)
+    measures = [("report.measures", m) for m in spec.measures]
+    measures += [(f"report.compare[{c.index}].measure", c.measure) for c in spec.compare]
+    steps = sorted({int(r["step"]) for run in runs for r in run.evals(spec.metric)})
+    for where, m in measures:
+        if m.kind == "mean" and m.key not in keys:
+            raise _unknown_key(f"{where} {m.spec}", m.key, keys)
+        if m.kind == "at" and m.step not in steps:
+            shown = ", ".join(map(str, steps[:20])) + (" …" if len(steps) > 20 else "")
+            raise DpftError(f"{where} {m.spec}: no finished run evaluated {spec.metric} at step {m.step}; "
+                            f"eval steps: {shown}")
+    for opt in ("metric", "improvement"):
+        key = spec.curves.get(opt)
+        if key and str(key) not in keys:  # the default improvement key may be absent (no method logs it)
+            raise _unknown_key(f"report.curves.{opt}", str(key), keys)
 
 
 def _measure_by_label(spec: ReportSpec) -> dict[str, Measure]:
@@ -536,6 +858,11 @@ def to_markdown(rep: Report) -> str:
     if rep.missing:
         listed = ", ".join(f"`{j.run_id}` {j.describe()}" for j in rep.missing)
         out += [f"Runs not finished ({len(rep.missing)}): {listed}", ""]
+    if rep.claims:
+        out += ["## Claims", ""]
+        for claim in rep.spec.compare:
+            df = claims_frame(rep, claim)
+            out += [claim_header(claim, rep.spec), "", df.to_markdown(index=False, disable_numparse=True), ""]
     return "\n".join(out)
 
 
@@ -543,7 +870,8 @@ _TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#
         "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$", "≥": r"$\geq$",
         "×": r"$\times$", "—": "--", "κ": r"$\kappa$", "ε": r"$\varepsilon$", "·": r"$\cdot$", "Δ": r"$\Delta$",
         "δ": r"$\delta$",
-        "σ": r"$\sigma$", "η": r"$\eta$", "τ": r"$\tau$", "∞": r"$\infty$"}
+        "σ": r"$\sigma$", "η": r"$\eta$", "τ": r"$\tau$", "∞": r"$\infty$", "α": r"$\alpha$", "≤": r"$\leq$",
+        "−": "-", "<": r"$<$", ">": r"$>$"}
 
 
 def tex_escape(text: str) -> str:
@@ -569,9 +897,16 @@ def to_latex(rep: Report) -> str:
     styler = df.style.apply(lambda _: props, axis=None)
     styler = styler.format_index(tex_escape, axis=0).format_index(tex_escape, axis=1)
     styler.index.names = [tex_escape(n) if n else n for n in df.index.names]
-    return styler.to_latex(hrules=True, caption=tex_escape(rep.caption), label=f"tab:{spec.name}",
+    text = styler.to_latex(hrules=True, caption=tex_escape(rep.caption), label=f"tab:{spec.name}",
                            position_float="centering", multirow_align="naive", multicol_align="c",
                            column_format="l" * df.index.nlevels + "r" * len(rep.columns))
+    for claim in spec.compare if rep.claims else []:
+        cdf = claims_frame(rep, claim)
+        cdf.columns = [tex_escape(c) for c in cdf.columns]
+        text += "\n" + cdf.style.hide(axis="index").format(tex_escape).to_latex(
+            hrules=True, caption=tex_escape(claim_header(claim, spec)), label=f"tab:{spec.name}-{claim.name.lower()}",
+            position_float="centering", column_format="l" + "r" * (len(cdf.columns) - 2) + "l")
+    return text
 
 
 def to_csv(rep: Report) -> str:
@@ -579,6 +914,63 @@ def to_csv(rep: Report) -> str:
     labels = {m.spec: m.label for m in rep.spec.measures}
     df.insert(df.columns.get_loc("measure") + 1, "label", df["measure"].map(labels))
     return df.to_csv(index=False, float_format="%.6g", lineterminator="\n")
+
+
+def _num(x: float, digits: int) -> str:
+    return "—" if math.isnan(x) else f"{x:+.{digits}f}"
+
+
+def claims_frame(rep: Report, claim: Claim):
+    """One row per group: the paired counts, the mean difference with its interval, p and verdict."""
+    import pandas as pd
+
+    m, steps = claim.measure, claim.measure.kind == "steps_to"
+    digits = max(m.digits, 1) if steps else m.digits
+    rows = []
+    for r in (x for x in rep.claims if x.claim is claim):
+        ci = "" if math.isnan(r.ci[0]) else f" [{_num(r.ci[0], digits)}, {_num(r.ci[1], digits)}]"
+        row = {"group": r.group, "pairs": str(r.pairs) + (f" (+{r.unpaired} unpaired)" if r.unpaired else ""),
+               "better / equal / worse": f"{r.better} / {r.equal} / {r.worse}"}
+        if steps:
+            row["never reached (treatment / baseline)"] = f"{r.censored[0]} / {r.censored[1]}"
+        row[f"mean diff [{1 - claim.alpha:.0%} CI]"] = _num(r.mean, digits) + ci
+        row["sign p"] = "—" if not r.pairs else f"{r.p:.3g}"
+        row["verdict"] = r.reason if r.pairs else "no pairs: runs missing"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def claims_csv(rep: Report) -> str:
+    import pandas as pd
+
+    recs = []
+    sel = lambda d: ";".join(f"{k}={fmt_label(v)}" for k, v in d.items())  # noqa: E731
+    for r in rep.claims:
+        c = r.claim
+        recs.append({
+            "claim_id": c.name, "claim": c.text, "treatment": sel(c.treatment), "baseline": sel(c.baseline),
+            "measure": c.measure.spec,
+            "better": c.better, "pooled": ";".join(rep.spec.over + c.pool), "group": r.group, "pairs": r.pairs,
+            "n_better": r.better, "n_equal": r.equal, "n_worse": r.worse,
+            "censored_treatment": r.censored[0], "censored_baseline": r.censored[1], "unpaired": r.unpaired,
+            "mean_diff": r.mean, "ci_low": r.ci[0], "ci_high": r.ci[1], "confidence": 1 - c.alpha,
+            "p_sign": r.p if r.pairs else float("nan"), "alpha": c.alpha,
+            "verdict": r.verdict if r.pairs else "no pairs",
+        })
+    return pd.DataFrame.from_records(recs).to_csv(index=False, float_format="%.6g", lineterminator="\n")
+
+
+def claims_summary(rep: Report) -> list[str]:
+    """One line per claim for the plots' captions."""
+    lines = []
+    for claim in rep.spec.compare:
+        res = [r for r in rep.claims if r.claim is claim]
+        parts = [f"{r.group}: {r.verdict if r.pairs else 'no pairs'} ({r.better}/{r.equal}/{r.worse}, p={r.p:.2g})"
+                 for r in res]
+        base = ", ".join(f"{k}={fmt_label(v)}" for k, v in claim.baseline.items())
+        lines.append(f"{claim.name} {claim.text} — better/equal/worse vs {base}, sign test α={claim.alpha:g}: "
+                     + "; ".join(parts))
+    return lines
 
 
 def rich_table(rep: Report):
@@ -595,7 +987,23 @@ def rich_table(rep: Report):
     for i, key in enumerate(rep.row_keys):
         cells = [f"[bold green]{escape(v)}[/]" if mask[i][j] and v else escape(v) for j, v in enumerate(df.iloc[i])]
         table.add_row(*[escape(k) for k in (key if rep.spec.rows else ("all",))], *cells)
-    return table
+    if not rep.claims:
+        return table
+    from rich.console import Group
+
+    parts = [table]
+    for claim in rep.spec.compare:
+        df = claims_frame(rep, claim)
+        t = Table(title=escape(f"{claim.name}: {claim.text}"), caption=escape(claim_header(claim, rep.spec)),
+                  caption_justify="left", title_justify="left")
+        for c in df.columns:
+            t.add_column(escape(c), justify="left" if c in ("group", "verdict") else "right")
+        for _, row in df.iterrows():
+            style = {"supported": "green", "contradicted": "red"}.get(str(row["verdict"]).split(":")[0], "")
+            t.add_row(*[escape(str(v)) for v in row.iloc[:-1]], f"[{style}]{escape(row.iloc[-1])}[/]" if style
+                      else escape(row.iloc[-1]))
+        parts.append(t)
+    return Group(*parts)
 
 
 # --------------------------------------------------------------------------- curves
@@ -671,6 +1079,11 @@ def plot_curves(rep: Report, runs: list[RunData], out_dir: Path) -> list[Path]:
             over = ", ".join(spec.display(k) for k in spec.over) or "runs"
             fig.suptitle(f"{key}: mean ± std over {over}" + (f", rolling mean of {smooth} steps" if smooth > 1 else ""),
                          fontsize=9)
+            if rep.claims:
+                import textwrap
+
+                caption = "\n".join(textwrap.fill(line, width=int(48 * ncols)) for line in claims_summary(rep))
+                fig.supxlabel(caption, fontsize=7, ha="left", x=0.01, multialignment="left")
             base = out_dir / f"{spec.name}-{kind}"
             fig.savefig(base.with_suffix(".png"), dpi=110, metadata={"Software": None})
             fig.savefig(base.with_suffix(".pdf"), metadata={"CreationDate": None, "ModDate": None, "Producer": None,
@@ -682,14 +1095,36 @@ def plot_curves(rep: Report, runs: list[RunData], out_dir: Path) -> list[Path]:
 # --------------------------------------------------------------------------- entry points
 
 
+REPORT_DEPS = ("pandas", "tabulate", "jinja2", "scipy")  # md tables need tabulate, LaTeX jinja2, claims scipy
+
+
+def require_deps(plots: bool = True) -> None:
+    """`pip install -e .` leaves out the report extra: say so in one line instead of a traceback."""
+    import importlib
+
+    missing = []
+    for mod in REPORT_DEPS + (("matplotlib",) if plots else ()):
+        try:
+            importlib.import_module(mod)
+        except ImportError:
+            missing.append(mod)
+    if missing:
+        raise DpftError(f"dpft report needs {', '.join(missing)}, not installed: pip install -e \".[report]\" "
+                        "(in a checkout) or pip install \"dpft[report]\"")
+
+
 def render(plan: Plan, block: dict, out_dir: Path, plots: bool = True) -> Report:
     from dpft import store
 
+    require_deps(plots)
     rep = build(plan, block)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     name = rep.spec.name
-    for suffix, text in ((".md", to_markdown(rep)), (".tex", to_latex(rep)), (".csv", to_csv(rep))):
+    outputs = [(".md", to_markdown(rep)), (".tex", to_latex(rep)), (".csv", to_csv(rep))]
+    if rep.claims:
+        outputs.append(("-claims.csv", claims_csv(rep)))
+    for suffix, text in outputs:
         store.atomic_write_text(out_dir / f"{name}{suffix}", text)
         rep.files.append(out_dir / f"{name}{suffix}")
     if plots:

@@ -248,3 +248,42 @@ def test_from_wandb_fills_the_local_cache(tmp_path, monkeypatch):
     assert [j.run_id for j in rep.missing] == ["fx8dp2"]
     c = rep.cells.set_index(["privacy.epsilon", "method", "measure"]).loc[("8", "dpsgd", "@100")]
     assert c["n"] == 2 and c["mean"] == pytest.approx(sum(accuracy("dpsgd", 8, s, 100) * 100 for s in (0, 1)) / 2)
+
+
+# --------------------------------------------------------------------------- typos and missing extras (issue 22)
+
+
+@pytest.mark.parametrize("change,msg", [
+    ({"metric": "eval/acuracy"}, r"report.metric: no finished run logged 'eval/acuracy'; did you mean eval/accuracy\? "
+                                 r"logged keys: eval/accuracy"),
+    ({"measures": ["final", "mean:nope/key"]}, r"mean:nope/key: no finished run logged 'nope/key'"),
+    ({"measures": ["final", "@999"]}, r"@999: no finished run evaluated eval/accuracy at step 999; "
+                                      r"eval steps: 25, 50, 75, 100, 150, 200"),
+    ({"curves": {"metric": "eval/acc"}}, r"report.curves.metric: no finished run logged 'eval/acc'"),
+])
+def test_report_typos_are_one_line_errors(tmp_path, change, msg):
+    """A misspelt metric key or an eval step no run has used to give a table of — and exit 0."""
+    build_store(tmp_path / "outputs")
+    block = {**load_sweep(str(SWEEP_FILE)).report, **change}
+    with pytest.raises(DpftError, match=msg):
+        rp.build(read_plan(tmp_path / "outputs", "fixture"), block)
+    data = yaml.safe_load(SWEEP_FILE.read_text())
+    data["report"] = block
+    path = tmp_path / "typo" / "fixture.yaml"
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump(data, allow_unicode=True))
+    res = CliRunner().invoke(app, ["report", str(path), f"paths.output_dir={tmp_path / 'outputs'}"])
+    assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1 and res.output.startswith("error: ")
+    assert not (tmp_path / "outputs" / "reports").exists()
+
+
+@pytest.mark.parametrize("module,args", [("matplotlib", []), ("pandas", ["--no-plots"]), ("tabulate", ["--no-plots"])])
+def test_missing_report_extra_names_the_install_command(tmp_path, monkeypatch, module, args):
+    """`pip install -e .` has no pandas/matplotlib: one line naming the extra, not a traceback."""
+    build_store(tmp_path / "outputs")
+    monkeypatch.setitem(sys.modules, module, None)  # `import <module>` now raises ImportError
+    res = CliRunner().invoke(app, ["report", str(SWEEP_FILE), f"paths.output_dir={tmp_path / 'outputs'}", *args])
+    assert res.exit_code == 2, res.output
+    assert res.output.strip() == (f'error: dpft report needs {module}, not installed: pip install -e ".[report]" '
+                                  '(in a checkout) or pip install "dpft[report]"')
+    assert not (tmp_path / "outputs" / "reports").exists()
