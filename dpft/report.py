@@ -715,10 +715,31 @@ def build(plan: Plan, block: dict) -> Report:
     if spec.auto_rows:
         parts.append(f"Swept but not in the report's rows/cols, so added as rows: {', '.join(spec.auto_rows)}.")
     parts.append(f"{len(runs)}/{len(plan.jobs)} planned runs finished.")
+    note = privacy_note(runs)
+    if note:
+        parts.append(note)
     claims = [res for c in spec.compare for res in evaluate_claim(c, spec, plan, labels, runs)]
     if claims and target_desc and not any(m.kind == "steps_to" for m in spec.measures):
         parts.append(f"Claims' steps to p%: {target_desc}.")
     return Report(spec, plan, cells, row_keys, col_keys, columns, " ".join(parts), missing, runs, claims=claims)
+
+
+def privacy_note(runs) -> str | None:
+    """What the table's ε means: a guarantee only for runs whose noise nobody can regenerate from
+    the config (dpft/engine/noise.py)."""
+    modes = set()
+    for r in runs:
+        flat = _flat(r.job.config)
+        if flat.get("method.private", True):
+            modes.add(flat.get("privacy.noise", "pre-hardening"))
+    notes = []
+    if "seeded" in modes:
+        notes.append("SIMULATION: privacy.noise=seeded runs draw noise and batches from the config (seed, run "
+                     "id); their ε is not a guarantee against anyone who knows the config.")
+    if "pre-hardening" in modes:
+        notes.append("Runs from before the noise hardening drew noise from the public seed: their ε is not a "
+                     "guarantee.")
+    return " ".join(notes) or None
 
 
 def _logged_keys(runs: list[RunData]) -> set[str]:

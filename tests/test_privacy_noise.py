@@ -322,3 +322,17 @@ def test_unknown_noise_mode_is_one_line(dpft):
     r = dpft("train", "debug=tiny", "privacy.noise=urandom")
     assert r.exit_code != 0 and "privacy.noise" in (r.stderr + r.stdout)
     assert not run_dirs(dpft.output_dir)
+
+
+def test_reports_say_when_epsilon_is_a_simulation():
+    from types import SimpleNamespace
+
+    from dpft.report import privacy_note
+
+    run = lambda noise, private=True: SimpleNamespace(job=SimpleNamespace(  # noqa: E731
+        config={"method": {"private": private}, "privacy": {"noise": noise}}))
+    assert privacy_note([run("secure"), run("entropy")]) is None
+    assert "SIMULATION" in privacy_note([run("secure"), run("seeded")])
+    assert privacy_note([run("seeded", private=False)]) is None  # a non-private baseline claims no ε
+    old = SimpleNamespace(job=SimpleNamespace(config={"method": {"private": True}, "privacy": {}}))
+    assert "public seed" in privacy_note([old])

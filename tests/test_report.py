@@ -54,7 +54,7 @@ def improvement(method: str, seed: int, step: int) -> float:
 
 def make_job(eps: int, method: str, seed: int) -> Job:
     config = {"method": {"name": method, "private": True}, "seed": seed,
-              "task": {"name": "sst2", "metric": "accuracy", "target": 0.9}, "privacy": {"epsilon": eps},
+              "task": {"name": "sst2", "metric": "accuracy", "target": 0.9}, "privacy": {"epsilon": eps, "noise": "secure"},
               "train": {"steps": 200}}
     return Job(run_id=f"fx{eps}{method[:2]}{seed}", slug=f"{method}-sst2-eps{eps}-s{seed}",
                overrides=[f"privacy.epsilon={eps}", f"method={method}", f"seed={seed}"],
