@@ -5,8 +5,9 @@
 
 Draws one step's noise for every trainable tensor of the model, as `dp_step` does, in each mode
 (interleaved, median of --repeats), and prints ms per step and the ratio to `seeded` (one plain draw
-per entry, the pre-hardening cost). Compare with the step time of `dpft bench` or a run's
-`train/step_time` to get the fraction of a step.
+per entry, the pre-hardening cost). With --step B it also times whole DP-SGD steps (ghost, batch B,
+--length tokens, one step per mode per repeat, interleaved) and prints each mode's step time and
+its ratio to the seeded step: the cost of the mode on the step, side by side in one process.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--step", type=int, default=0, help="also time whole DP steps at this batch size")
+    ap.add_argument("--length", type=int, default=64)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -48,6 +51,44 @@ def main() -> None:
     for mode in MODES:
         med = statistics.median(times[mode])
         print(f"  {mode:8s} {1e3 * med:8.1f} ms/step   ×{med / base:.2f} vs seeded")
+    if args.step:
+        step_times(cfg, model, args.step, args.length, args.repeats)
+
+
+def step_times(cfg, model, b: int, length: int, repeats: int) -> None:
+    from dpft.engine.noise import MODES, NoiseSource
+    from dpft.engine.step import Batch, dp_step
+    from dpft.engine.train import attach_hooks
+    from dpft.methods import PrivacyParams, build_method
+
+    model.train()
+    method = build_method(cfg)
+    model = method.prepare_model(model)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    method.setup(model, params, PrivacyParams(sigma=1.0, clip_norm=1.0, sample_rate=0.01,
+                                              expected_batch_size=float(b), steps=100, delta=1e-5))
+    hooks = attach_hooks(model, "ghost", 1.0)
+    optimizer = method.build_optimizer(params, cfg.optim)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 5000, (b, length), generator=g)
+    batch = Batch(ids, torch.ones_like(ids), torch.randint(0, 2, (b,), generator=g))
+    chunks = [Batch(batch.input_ids[i:i + 64], batch.attention_mask[i:i + 64], batch.labels[i:i + 64])
+              for i in range(0, b, 64)]
+    times = {m: [] for m in MODES}
+    for r in range(repeats + 1):
+        for mode in MODES:
+            noise = NoiseSource.create(mode, 0, "bench").for_step(r + 1)
+            t = time.perf_counter()
+            dp_step(model=model, chunks=chunks, method=method, params=params, optimizer=optimizer,
+                    noise_generator=noise, mode="ghost", hooks=hooks, step=r + 1, alignment=False)
+            if r:  # the first round warms up
+                times[mode].append(time.perf_counter() - t)
+    hooks.cleanup()
+    base = statistics.median(times["seeded"])
+    print(f"DP-SGD ghost step, B={b}, L={length} (median of {repeats}):")
+    for mode in MODES:
+        med = statistics.median(times[mode])
+        print(f"  {mode:8s} {med:8.2f} s/step   ×{med / base:.2f} vs seeded")
 
 
 if __name__ == "__main__":
