@@ -172,7 +172,7 @@ def fmt_eps(v: Any) -> str:
         return "—"
     if v == "inf" or v == float("inf"):
         return "∞"
-    return f"{v:.3g}" if isinstance(v, (int, float)) else str(v)
+    return f"{v:.4g}" if isinstance(v, (int, float)) else str(v)
 
 
 def config_diff(a: RunRecord, b: RunRecord) -> list[tuple[str, Any, Any]]:

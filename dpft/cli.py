@@ -355,15 +355,18 @@ def _show_plan(console, plan, plan_path) -> None:
         summary[s] = summary.get(s, 0) + 1
     dup = f", {plan.duplicates} grid points share a config" if plan.duplicates else ""
     common = [o for o in plan.jobs[0].overrides if all(o in j.overrides for j in plan.jobs)]
-    # escape: a list value (`eval_at=[50,100]`) or a path is user text, not rich markup
-    table = Table(title=escape(f"plan {plan.name}: {len(plan.jobs)} jobs{dup}  → {plan_path}"), title_justify="left",
-                  caption=escape("every job: dpft train " + " ".join(common)), caption_justify="left")
+    # title and caption as lines of their own: as a table's they would wrap to its width; and
+    # escaped where they reach markup: a list value (`target_modules=[query]`) is not a tag
+    console.print(f"plan {plan.name}: {len(plan.jobs)} jobs{dup}  → {plan_path}", markup=False, highlight=False,
+                  soft_wrap=True)
+    table = Table()
     for col in ("#", "run id", "state", "job"):
         table.add_column(col, overflow="fold")
     for i, (job, st) in enumerate(zip(plan.jobs, states), 1):
         rest = [o for o in job.overrides if o not in common]
         table.add_row(str(i), job.run_id, st, escape(" ".join(rest) or job.describe()))
     console.print(table)
+    console.print("every job: dpft train " + " ".join(common), markup=False, highlight=False, soft_wrap=True)
     console.print("states: " + ", ".join(f"{v} {k}" for k, v in sorted(summary.items())), highlight=False)
 
 
@@ -461,7 +464,7 @@ def runs_cmd(
                   title_justify="left")
     for col in ("run id", "slug", "status", "step", "ε spent", "final", "age"):
         table.add_column(col, justify="right" if col in ("step", "ε spent", "final", "age") else "left",
-                         no_wrap=col in ("run id", "status", "age"))
+                         no_wrap=col in ("run id", "status", "age"), overflow="fold")
     style = {"done": "green", "running": "yellow", "failed": "bold red", "interrupted": "magenta", "stale": "magenta"}
     for r in records:
         final = "—" if r.final is None else (f"{r.metric} {r.final:.4f}" if isinstance(r.final, (int, float))
