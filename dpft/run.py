@@ -27,8 +27,9 @@ class AlreadyDone(Exception):
 
 
 def say(message: str) -> None:
-    """One line about what a run is doing (starting, resuming, archived, waiting) on stderr."""
-    print(message, file=sys.stderr, flush=True)
+    """One line about what a run is doing (starting, resuming, archived, waiting), on stdout with the
+    summary: stderr is for the one-line error of a run that fails."""
+    print(message, file=sys.stdout, flush=True)
 
 
 def _archive_previous(path: Path) -> Path | None:
