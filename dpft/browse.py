@@ -191,7 +191,9 @@ def metric_rows(a: RunRecord, b: RunRecord) -> list[tuple[str, str, str]]:
         return (r.summary.get("privacy") or {}).get(key)
 
     def num(v, f=".4f"):
-        return "—" if v is None else (format(v, f) if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v))
+        if v is None:
+            return "—"
+        return format(v, f) if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
 
     rows = [("slug", a.slug, b.slug), ("status", a.status, b.status),
             ("steps", f"{a.step}/{a.steps or '?'}", f"{b.step}/{b.steps or '?'}")]

@@ -131,7 +131,8 @@ def train(
     wait: bool = typer.Option(False, "--wait", help="If another process is training this config, wait for it "
                               "instead of refusing (then skip it if it finished)."),
 ) -> None:
-    """Compose a config and train it (default: DP-SGD, MiniLM, embedded task, ε=8); run again, an interrupted run continues from its checkpoint."""
+    """Compose a config and train it (default: DP-SGD, MiniLM, embedded task, ε=8); run again, an
+    interrupted run continues from its checkpoint."""
     from dpft import store
     from dpft.config import compose_run
     from dpft.run import check_flags
@@ -222,7 +223,6 @@ def _print_summary(spec, summary: dict, path=None) -> None:
 def show(overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False)) -> None:
     """Print the composed, resolved config and its run id."""
     from omegaconf import OmegaConf
-    from rich.console import Console
     from rich.syntax import Syntax
 
     from dpft.config import compose_run
@@ -288,7 +288,6 @@ def sweep_cmd(
                                                  "(e.g. slurm_partition=gpu timeout_min=240 slurm_setup=[...])."),
 ) -> None:
     """Run a paper table: expand NAME's grid, write the plan, run the missing jobs (resumable)."""
-    from rich.console import Console
 
     console = _console()
     if not name:
@@ -313,7 +312,8 @@ def sweep_cmd(
 
     found = find_sweep(name)
     if not found.read_bytes().strip():  # YAML reads it as null: an empty grid, i.e. one default job
-        raise DpftError(f"sweep file {found} is empty; a sweep needs overrides and/or a grid (see dpft/sweeps/kappa.yaml)")
+        raise DpftError(f"sweep file {found} is empty; a sweep needs overrides and/or a grid "
+                        "(see dpft/sweeps/kappa.yaml)")
     sweep = load_sweep(name)
     with console.status(f"composing the jobs of {sweep.name}…"):
         plan = make_plan(sweep, overrides or [])
@@ -389,7 +389,6 @@ def report_cmd(
     """Render a sweep's table (Markdown, LaTeX, CSV, terminal) and curves from the local run store."""
     from pathlib import Path
 
-    from rich.console import Console
 
     from dpft import report as rp
     from dpft.sweep import load_sweep, make_plan, plan_sweep_file, read_plan
@@ -550,7 +549,6 @@ def bench(
     if as_json:
         typer.echo(_json.dumps(out, indent=2, sort_keys=True))
         return
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"dpft bench: {out['model']} B={batch} L={length} on {out['device']}",
@@ -589,7 +587,6 @@ def audit(
     turn a membership test on them into a lower bound on ε, compared with the claimed ε.
     Exit 1 if the bound exceeds the claim."""
     _setup_logging()
-    from rich.console import Console
 
     from dpft.audit import rich_table, run_audit
     from dpft.config import compose_run

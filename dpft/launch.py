@@ -440,7 +440,10 @@ class Display:
             else:
                 remaining.append(None)
         pending = sum(t.state == "pending" for t in self.tasks)
-        per_job = (sum(finished) / len(finished)) if finished else (sum(projected) / len(projected) if projected else None)
+        if finished:
+            per_job = sum(finished) / len(finished)
+        else:
+            per_job = sum(projected) / len(projected) if projected else None
         if per_job is None or any(r is None for r in remaining) and not finished:
             return None
         rem = [r if r is not None else per_job for r in remaining]

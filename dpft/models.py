@@ -80,7 +80,8 @@ def load_tokenizer(model_cfg):
         raise
     except Exception as e:
         if Path(str(resolve_path(name))).is_dir():
-            raise DpftError(f"cannot load tokenizer from {resolve_path(name)}: {' '.join(str(e).split())[:200]}") from None
+            raise DpftError(f"cannot load tokenizer from {resolve_path(name)}: "
+                            f"{' '.join(str(e).split())[:200]}") from None
         raise DpftError(_offline_hint("tokenizer", name)) from None
 
 
