@@ -177,7 +177,7 @@ def _interrupted_message(spec, path, overrides: list[str]) -> str:
 
     again = " ".join(["dpft", "train", *map(shlex.quote, overrides)])
     if (path / CHECKPOINT).is_file():
-        return f"interrupted at step {store.last_step(path / 'metrics.jsonl')}; checkpoint saved in {path}; " \
+        return f"interrupted after step {store.last_step(path / 'metrics.jsonl')}; its last checkpoint is in {path}; " \
                f"resume with: {again}"
     return f"interrupted before any checkpoint ({path}); `{again}` starts it again from step 1"
 

@@ -145,7 +145,7 @@ def test_plain_rerun_resumes_a_checkpoint_and_ctrl_c_prints_the_command(dpft, mo
     r = dpft("train", *args)
     assert r.exit_code == 130
     (run,) = run_dirs(dpft.output_dir)
-    assert "checkpoint saved" in r.stderr and "resume with: dpft train debug=tiny" in r.stderr, r.stderr
+    assert "its last checkpoint is in" in r.stderr and "resume with: dpft train debug=tiny" in r.stderr, r.stderr
     monkeypatch.undo()
     r = dpft("train", *args)  # the same command, no flag
     assert r.exit_code == 0, r.stderr
