@@ -3,7 +3,7 @@
 retries and dozens of warnings. No torch import here (`dpft show` and config composition use it).
 
 Privacy note: the probe only opens a TCP connection to the hub endpoint (HF_ENDPOINT, default
-huggingface.co:443); it sends nothing about the run."""
+huggingface.co:443, or the HTTPS proxy the environment names); it sends nothing about the run."""
 
 from __future__ import annotations
 
@@ -43,6 +43,10 @@ def offline() -> bool:
         return True
     url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    proxy = _proxy_for(url.scheme, host)
+    if proxy:  # behind a proxy (clusters): the hub is as reachable as the proxy is
+        p = urlparse(proxy if "://" in proxy else "http://" + proxy)
+        host, port = p.hostname or host, p.port or 3128
     ok: list[bool] = []
 
     def probe() -> None:
@@ -61,6 +65,14 @@ def offline() -> bool:
         return False
     go_offline()
     return True
+
+
+def _proxy_for(scheme: str, host: str) -> str | None:
+    import urllib.request
+
+    if urllib.request.proxy_bypass(host):  # NO_PROXY
+        return None
+    return urllib.request.getproxies().get(scheme or "https")
 
 
 def go_offline() -> None:

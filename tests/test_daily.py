@@ -320,7 +320,8 @@ def test_skipping_a_finished_run_loads_no_torch(dpft):
 
 def _offline_env(tmp_path) -> dict:
     env = _env(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT="http://127.0.0.1:9")  # a port that refuses at once
-    for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE", "TRANSFORMERS_CACHE"):
+    for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE", "TRANSFORMERS_CACHE", "HTTPS_PROXY",
+              "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
         env.pop(k, None)
     return env
 
