@@ -63,11 +63,46 @@ def cli_errors(fn):
         except KeyboardInterrupt:
             _err("interrupted")
             raise typer.Exit(130) from None
+        except BrokenPipeError:  # `dpft show | head -1`: the reader left; nothing to say, not an error
+            _silence_stdout()
+            raise typer.Exit(0) from None
         except OSError as e:  # the environment: disk full, permission denied, a file where a folder should be
             _err(f"{e.strerror or type(e).__name__}: {e.filename}" if e.filename else " ".join(str(e).split()))
             raise typer.Exit(2) from None
 
     return wrapper
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not raise again."""
+    import sys
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout without a descriptor (tests capture it in memory)
+        pass
+
+
+def _console(**kw):
+    """A rich Console; in a pipe or a file, as wide as the content needs (up to COLUMNS or 200)
+    instead of rich's 80, so tables are not wrapped for a terminal that is not there."""
+    from rich.console import Console
+
+    class _Console(Console):
+        def on_broken_pipe(self) -> None:  # rich exits 1 here; a reader that left is not an error
+            _silence_stdout()
+            raise SystemExit(0)
+
+    console = _Console(**kw)
+    if not console.is_terminal and "width" not in kw:
+        try:
+            width = int(os.environ.get("COLUMNS", ""))
+        except ValueError:
+            width = 200
+        console = _Console(width=max(80, width), **kw)
+    return console
 
 
 def _setup_logging() -> None:
@@ -87,54 +122,109 @@ def _setup_logging() -> None:
 @cli_errors
 def train(
     overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
-    force: bool = typer.Option(False, "--force", help="Re-run even if this config already finished."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last checkpoint."),
+    force: bool = typer.Option(False, "--force", help="Re-run even if this config already finished (the "
+                               "earlier attempt is kept under attempts/<k>/)."),
+    resume: bool = typer.Option(False, "--resume", help="Require a checkpoint to continue (resuming is the "
+                                "default whenever one exists; this fails if there is none)."),
+    restart: bool = typer.Option(False, "--restart", help="Start an unfinished run over instead of continuing "
+                                 "its checkpoint (the attempt is kept under attempts/<k>/)."),
+    wait: bool = typer.Option(False, "--wait", help="If another process is training this config, wait for it "
+                              "instead of refusing (then skip it if it finished)."),
 ) -> None:
-    """Compose a config and train it (default: DP-SGD, MiniLM, embedded task, ε=8)."""
-    _setup_logging()
+    """Compose a config and train it (default: DP-SGD, MiniLM, embedded task, ε=8); run again, an
+    interrupted run continues from its checkpoint."""
+    from dpft import store
     from dpft.config import compose_run
-    from dpft.run import AlreadyDone, train_spec
+    from dpft.run import check_flags
 
+    check_flags(force, resume or None, restart)
     spec = compose_run(overrides or [])
+    path = store.run_dir(spec.cfg.paths.output_dir, spec.run_id)
+    if store.run_status(path) == "done" and not force:  # before torch & co.: skipping is instant
+        if os.environ.get("RANK", "0") == "0":
+            typer.echo(f"{spec.slug} [{spec.run_id}] already done: {path} (use --force to re-run)")
+        return
+    _setup_logging()
     from dpft.engine import distributed
+    from dpft.run import AlreadyDone, train_spec
 
     nproc = distributed.check_config(spec.cfg)
     if spec.cfg.launcher == "torchrun" and not distributed.in_worker():
         distributed.launch(nproc, ["train", *(overrides or []), *(["--force"] if force else []),
-                                   *(["--resume"] if resume else [])])
+                                   *(["--resume"] if resume else []), *(["--restart"] if restart else []),
+                                   *(["--wait"] if wait else [])])
         return
     try:
-        summary = train_spec(spec, force=force, resume=resume)
+        summary = train_spec(spec, force=force, resume=resume or None, restart=restart, wait=wait)
     except AlreadyDone as e:
         if not distributed.in_worker() or os.environ.get("RANK") == "0":
             typer.echo(f"{spec.slug} [{spec.run_id}] already done: {e.path} (use --force to re-run)")
         return
+    except KeyboardInterrupt:
+        if os.environ.get("RANK", "0") == "0":
+            _err(_interrupted_message(spec, path, overrides or []))
+        raise typer.Exit(130) from None
     if not distributed.in_worker() or os.environ.get("RANK") == "0":
-        _print_summary(spec, summary)
+        _print_summary(spec, summary, path)
 
 
-def _print_summary(spec, summary: dict) -> None:
-    from rich.console import Console
+def _interrupted_message(spec, path, overrides: list[str]) -> str:
+    """The one line Ctrl-C leaves: where the run stopped and the command that continues it."""
+    import shlex
+
+    from dpft import store
+    from dpft.run import CHECKPOINT
+
+    again = " ".join(["dpft", "train", *map(shlex.quote, overrides)])
+    if (path / CHECKPOINT).is_file():
+        return f"interrupted after step {store.last_step(path / 'metrics.jsonl')}; its last checkpoint is in {path}; " \
+               f"resume with: {again}"
+    return f"interrupted before any checkpoint ({path}); `{again}` starts it again from step 1"
+
+
+def _fmt(v) -> str:
+    return "—" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
+
+
+def _print_summary(spec, summary: dict, path=None) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=f"{spec.slug}  [{spec.run_id}]", show_header=False)
-    metric = summary["metric"]
-    fmt = lambda v: "—" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))  # noqa: E731
-    table.add_row(f"final {metric}", fmt(summary["final"]))
-    table.add_row(f"best {metric}", fmt(summary["best"]))
-    if summary.get("test_metrics"):  # generation tasks: the test tables decoded after training
-        table.add_row(f"test {metric}", fmt(summary["test_metrics"].get(metric)))
-    table.add_row("steps to 90% / 95% of target", f"{fmt(summary['steps_to_90'])} / {fmt(summary['steps_to_95'])}"
-                  f"  (target {fmt(summary['target'])})")
     p = summary["privacy"]
+    spent = f"  ε spent {p['epsilon']:.4g}" if p.get("private") and isinstance(p.get("epsilon"), (int, float)) else ""
+    # escape: rich would read "[a692c970dac7]" as a markup tag and print nothing
+    table = Table(title=escape(f"{spec.slug}  [{spec.run_id}]{spent}"), show_header=False)
+    metric = summary["metric"]
+    table.add_row(f"final {escape(metric)}", _fmt(summary["final"]))
+    table.add_row(f"best {escape(metric)}", _fmt(summary["best"]))
+    if summary.get("test_metrics"):  # generation tasks: the test tables decoded after training
+        table.add_row(f"test {escape(metric)}", _fmt(summary["test_metrics"].get(metric)))
+    table.add_row("steps to 90% / 95% of target", f"{_fmt(summary['steps_to_90'])} / {_fmt(summary['steps_to_95'])}"
+                  f"  (target {_fmt(summary['target'])})")
     if p.get("private"):
-        table.add_row("ε spent (δ)", f"{p['epsilon']:.4f}  (δ={p['delta']:.3g}, {p['accountant']}; "
-                      f"independent {fmt(p['epsilon_independent'])})")
+        table.add_row("ε spent (δ)", escape(f"{p['epsilon']:.4f}  (δ={p['delta']:.3g}, {p['accountant']})"))
+        indep = f"{_fmt(p.get('epsilon_independent'))}"
+        if p.get("accountants_disagree"):
+            table.add_row("[bold red]accountants disagree[/]",
+                          f"[bold red]independent ε = {escape(indep)} vs {p['epsilon']:.4f}: check the ledger[/]")
+        else:
+            table.add_row(escape(f"independent ε ({p.get('independent_accountant', 'dp_accounting')})"), escape(indep))
         table.add_row("σ, C, q, steps", f"{p['sigma']:.4f}, {p['clip_norm']}, {p['sample_rate']:.4g}, {p['steps']}")
+        if p.get("steps_charged_twice"):
+            table.add_row("steps charged twice", f"{p['steps_charged_twice']} (logged before a crash, re-run with fresh noise)")
+        if p.get("noise"):
+            style = "bold yellow" if p.get("simulation") else ""
+            guarantee = escape(f"{p['noise']}: {p.get('guarantee', '')}")
+            table.add_row("noise", f"[{style}]{guarantee}[/]" if style else guarantee)
+        if summary.get("nonprivate_metrics"):
+            table.add_row("non-private metrics", escape(f"{len(summary['nonprivate_metrics'])} train/* keys "
+                                                        "(outside the guarantee; diagnostics.nonprivate=false drops them)"))
     else:
         table.add_row("ε spent", "∞ (non-private)")
     table.add_row("wall time", f"{summary['wall_time_s']:.1f} s")
-    Console(stderr=False).print(table)
+    if path is not None:
+        table.add_row("run dir", escape(str(path)))
+    _console().print(table)
 
 
 @app.command()
@@ -142,14 +232,13 @@ def _print_summary(spec, summary: dict) -> None:
 def show(overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False)) -> None:
     """Print the composed, resolved config and its run id."""
     from omegaconf import OmegaConf
-    from rich.console import Console
     from rich.syntax import Syntax
 
     from dpft.config import compose_run
 
     spec = compose_run(overrides or [])
-    console = Console()
-    console.print(f"# run id: {spec.run_id}   slug: {spec.slug}")
+    console = _console()
+    console.print(f"# run id: {spec.run_id}   slug: {spec.slug}", markup=False, highlight=False)
     text = OmegaConf.to_yaml(spec.cfg, resolve=True)
     if console.is_terminal:
         console.print(Syntax(text, "yaml"))
@@ -208,9 +297,8 @@ def sweep_cmd(
                                                  "(e.g. slurm_partition=gpu timeout_min=240 slurm_setup=[...])."),
 ) -> None:
     """Run a paper table: expand NAME's grid, write the plan, run the missing jobs (resumable)."""
-    from rich.console import Console
 
-    console = Console()
+    console = _console()
     if not name:
         _list_sweeps_table(console)
         return
@@ -229,6 +317,12 @@ def sweep_cmd(
         if not eq or not key:
             raise DpftError(f"--submitit expects KEY=VALUE, got '{item}'")
         params[key] = yaml.safe_load(value)
+    from dpft.sweep import find_sweep
+
+    found = find_sweep(name)
+    if not found.read_bytes().strip():  # YAML reads it as null: an empty grid, i.e. one default job
+        raise DpftError(f"sweep file {found} is empty; a sweep needs overrides and/or a grid "
+                        "(see dpft/sweeps/kappa.yaml)")
     sweep = load_sweep(name)
     with console.status(f"composing the jobs of {sweep.name}…"):
         plan = make_plan(sweep, overrides or [])
@@ -259,6 +353,7 @@ def sweep_cmd(
 
 
 def _show_plan(console, plan, plan_path) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     from dpft.sweep import job_state
@@ -269,14 +364,18 @@ def _show_plan(console, plan, plan_path) -> None:
         summary[s] = summary.get(s, 0) + 1
     dup = f", {plan.duplicates} grid points share a config" if plan.duplicates else ""
     common = [o for o in plan.jobs[0].overrides if all(o in j.overrides for j in plan.jobs)]
-    table = Table(title=f"plan {plan.name}: {len(plan.jobs)} jobs{dup}  → {plan_path}", title_justify="left",
-                  caption="every job: dpft train " + " ".join(common), caption_justify="left")
+    # title and caption as lines of their own: as a table's they would wrap to its width; and
+    # escaped where they reach markup: a list value (`target_modules=[query]`) is not a tag
+    console.print(f"plan {plan.name}: {len(plan.jobs)} jobs{dup}  → {plan_path}", markup=False, highlight=False,
+                  soft_wrap=True)
+    table = Table()
     for col in ("#", "run id", "state", "job"):
         table.add_column(col, overflow="fold")
     for i, (job, st) in enumerate(zip(plan.jobs, states), 1):
         rest = [o for o in job.overrides if o not in common]
-        table.add_row(str(i), job.run_id, st, " ".join(rest) or job.describe())
+        table.add_row(str(i), job.run_id, st, escape(" ".join(rest) or job.describe()))
     console.print(table)
+    console.print("every job: dpft train " + " ".join(common), markup=False, highlight=False, soft_wrap=True)
     console.print("states: " + ", ".join(f"{v} {k}" for k, v in sorted(summary.items())), highlight=False)
 
 
@@ -299,12 +398,11 @@ def report_cmd(
     """Render a sweep's table (Markdown, LaTeX, CSV, terminal) and curves from the local run store."""
     from pathlib import Path
 
-    from rich.console import Console
 
     from dpft import report as rp
     from dpft.sweep import load_sweep, make_plan, plan_sweep_file, read_plan
 
-    console = Console()
+    console = _console()
     grid_overrides, output_dir = _overrides_and_paths(overrides or [])
     sweep, not_found = None, None
     try:
@@ -335,6 +433,91 @@ def report_cmd(
                       highlight=False)
     for f in rep.files:
         console.print(f"wrote {f}", highlight=False)
+
+
+def _output_dir(output_dir: Optional[str]) -> str:
+    if output_dir is not None:
+        return output_dir
+    from dpft.config import compose_run
+
+    return str(compose_run([]).cfg.paths.output_dir)
+
+
+@app.command(name="runs")
+@cli_errors
+def runs_cmd(
+    filters: Optional[List[str]] = typer.Argument(None, show_default=False, help="KEY=VALUE filters, all must hold: "
+                                                  "a config group (method=denoise, task=sst2), any dotted config key "
+                                                  "(privacy.epsilon=3, train.steps=30), status=done; "
+                                                  "paths.output_dir=DIR reads another store."),
+    limit: int = typer.Option(50, "--limit", "-n", help="Show the newest N runs (0 = all)."),
+) -> None:
+    """List the runs in the store, newest first: id, slug, status, ε spent, final metric, age."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from dpft import browse, store
+
+    tokens, output_dir = _overrides_and_paths(filters or [])
+    output_dir = _output_dir(output_dir)
+    wanted = browse.parse_filters(tokens)
+    records = browse.select([browse.record(p) for p in store.list_runs(output_dir)], wanted)
+    records.sort(key=lambda r: r.age_s)
+    total = len(records)
+    if limit > 0:
+        records = records[:limit]
+    where = escape(str(store.runs_root(output_dir)))
+    shown = f"{len(records)} of {total}" if len(records) < total else str(total)
+    table = Table(title=f"{shown} run(s) in {where}" + (escape(f"  ({' '.join(tokens)})") if tokens else ""),
+                  title_justify="left")
+    for col in ("run id", "slug", "status", "step", "ε spent", "final", "age"):
+        table.add_column(col, justify="right" if col in ("step", "ε spent", "final", "age") else "left",
+                         no_wrap=col in ("run id", "status", "age"), overflow="fold")
+    style = {"done": "green", "running": "yellow", "failed": "bold red", "interrupted": "magenta", "stale": "magenta"}
+    for r in records:
+        final = "—" if r.final is None else (f"{r.metric} {r.final:.4f}" if isinstance(r.final, (int, float))
+                                             else f"{r.metric} {r.final}")
+        st = r.status
+        table.add_row(r.run_id, escape(r.slug), f"[{style[st]}]{st}[/]" if st in style else escape(st),
+                      f"{r.step}/{r.steps}" if r.steps else str(r.step), browse.fmt_eps(r.epsilon), escape(final),
+                      browse.age(r.age_s))
+    _console().print(table)
+
+
+@app.command(name="diff")
+@cli_errors
+def diff_cmd(
+    a: str = typer.Argument(..., help="Run id or a unique prefix of one."),
+    b: str = typer.Argument(..., help="Run id or a unique prefix of one."),
+    output_dir: Optional[str] = typer.Option(None, "--output-dir", help="The store (default paths.output_dir)."),
+) -> None:
+    """Two runs side by side: the config keys that differ, then their metrics and privacy."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from dpft import browse, store
+
+    output_dir = _output_dir(output_dir)
+    ra, rb = (browse.record(store.find_run(output_dir, ref)) for ref in (a, b))
+    console = _console()
+    cfg = Table(title=f"config: {ra.run_id} vs {rb.run_id}", title_justify="left")
+    for col in ("key", ra.run_id, rb.run_id):
+        cfg.add_column(col, overflow="fold")
+    rows = browse.config_diff(ra, rb)
+    for key, va, vb in rows:
+        cfg.add_row(escape(key), escape(str(va)), escape(str(vb)))
+    if rows:
+        console.print(cfg)
+    else:
+        console.print("config: identical (the same run id with --force re-runs, or a hand-edited store)",
+                      highlight=False, markup=False)
+    res = Table(title="result", title_justify="left")
+    for col in ("", ra.run_id, rb.run_id):
+        res.add_column(col, overflow="fold")
+    for label, va, vb in browse.metric_rows(ra, rb):
+        res.add_row(escape(label), escape(va), escape(vb))
+    console.print(res)
+    console.print(f"{ra.run_id}: {ra.path}\n{rb.run_id}: {rb.path}", highlight=False, markup=False)
 
 
 @app.command()
@@ -375,7 +558,6 @@ def bench(
     if as_json:
         typer.echo(_json.dumps(out, indent=2, sort_keys=True))
         return
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"dpft bench: {out['model']} B={batch} L={length} on {out['device']}",
@@ -393,7 +575,7 @@ def bench(
         if max_batch is not None:
             row.insert(5, fmt(r.get("max_batch"), "d"))
         table.add_row(*row)
-    Console().print(table)
+    _console().print(table)
 
 
 @app.command()
@@ -414,7 +596,6 @@ def audit(
     turn a membership test on them into a lower bound on ε, compared with the claimed ε.
     Exit 1 if the bound exceeds the claim."""
     _setup_logging()
-    from rich.console import Console
 
     from dpft.audit import rich_table, run_audit
     from dpft.config import compose_run
@@ -424,7 +605,7 @@ def audit(
         tokens.insert(0, "debug=audit")
     spec = compose_run(tokens)
     res = run_audit(spec, canaries, length, confidence, score=score, force=force)
-    Console().print(rich_table(res))
+    _console().print(rich_table(res))
     if res.skipped:
         typer.echo(f"already audited: {res.path} (use --force to re-run)")
     r = res.result
@@ -436,7 +617,11 @@ def audit(
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except BrokenPipeError:  # the reader of our stdout left (`dpft runs | head -3`)
+        _silence_stdout()
+        raise SystemExit(0) from None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -57,7 +57,7 @@ def _compose(overrides: list[str], config_name: str = "config") -> tuple[DictCon
     except MissingConfigException as e:
         raise DpftError(_missing_config_message(e)) from None
     except OverrideParseException as e:
-        raise DpftError(f"malformed override: {_one_line(e)}") from None
+        raise DpftError(f"malformed override: {_one_line(e)}{_quoting_hint(overrides)}") from None
     except ConfigCompositionException as e:
         msg = _one_line(e)
         cause = e.__cause__
@@ -72,6 +72,20 @@ def _compose(overrides: list[str], config_name: str = "config") -> tuple[DictCon
     OmegaConf.set_struct(with_hydra, False)
     del with_hydra["hydra"]
     return with_hydra, choices
+
+
+_UNQUOTED_OK = re.compile(r"[A-Za-z0-9_./\\:\-+*@%,~ \[\]{}$]*")
+
+
+def _quoting_hint(overrides: list[str]) -> str:
+    """Hydra's override grammar takes only some characters unquoted; a path with non-ASCII letters,
+    parentheses, quotes, '=' ... must be quoted *for Hydra*, inside the shell's quotes."""
+    for tok in overrides:
+        key, eq, value = tok.partition("=")
+        if eq and value and value[0] not in "'\"" and not _UNQUOTED_OK.fullmatch(value):
+            return (f" (a value with non-ASCII or special characters needs Hydra quotes inside the shell's: "
+                    f"\"{key}='{value}'\")")
+    return ""
 
 
 def _missing_config_message(e: Exception) -> str:
@@ -106,8 +120,15 @@ def config_hash(cfg: DictConfig) -> str:
 
 
 def make_slug(cfg: DictConfig) -> str:
-    eps = cfg.privacy.epsilon if cfg.method.private else "inf"
-    return f"{cfg.method.name}-{cfg.model.name}-{cfg.task.name}-eps{eps}-s{cfg.seed}"
+    """method-model-task-<privacy>-s<seed>. <privacy> is eps<target ε>, or sigma<σ> when σ is set by
+    hand (privacy.noise_multiplier): ε is then whatever that σ spends, not privacy.epsilon."""
+    if not cfg.method.private:
+        priv = "epsinf"
+    elif cfg.privacy.get("noise_multiplier") is not None:
+        priv = f"sigma{cfg.privacy.noise_multiplier}"
+    else:
+        priv = f"eps{cfg.privacy.epsilon}"
+    return f"{cfg.method.name}-{cfg.model.name}-{cfg.task.name}-{priv}-s{cfg.seed}"
 
 
 def compose_run(overrides: list[str] | tuple[str, ...] = ()) -> RunSpec:
@@ -124,6 +145,7 @@ def compose_run(overrides: list[str] | tuple[str, ...] = ()) -> RunSpec:
     except Exception as e:  # interpolation errors are config errors
         raise DpftError(f"bad config: {_one_line(e).split('full_key')[0].strip()}") from None
     validate(cfg)
+    _resolve_substitutions(cfg)
     OmegaConf.set_readonly(cfg, True)
     return RunSpec(cfg=cfg, overrides=overrides, run_id=config_hash(cfg), slug=make_slug(cfg), choices=choices)
 
@@ -173,6 +195,10 @@ def validate(cfg: DictConfig) -> None:
                             "backward recomputes the gradients in bf16, so its clip factors would not be exact")
     if cfg.engine.get("autocast") not in (None, "bf16"):
         raise DpftError(f"engine.autocast must be null or bf16, got {cfg.engine.get('autocast')!r}")
+    for key in ("train.steps", "train.batch_size", "train.eval_every", "runtime.physical_batch_size"):
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, float):  # int(2.5) would silently run 2
+            raise DpftError(f"{key} must be an integer, got {value!r}")
     steps, epochs = _num(cfg, "train.steps", int), _num(cfg, "train.epochs")
     if steps is None and epochs is None:
         raise DpftError("set train.steps or train.epochs")
@@ -226,3 +252,32 @@ def _validate_ints_and_choices(cfg: DictConfig) -> None:
     dtype = OmegaConf.select(cfg, "model.dtype")
     if dtype is not None and dtype not in ("float32", "float16", "bfloat16", "float64"):
         raise DpftError(f"model.dtype must be float32, float16, bfloat16 or float64, got {dtype!r}")
+
+
+_WARNED: set = set()
+
+
+def _resolve_substitutions(cfg: DictConfig) -> None:
+    """Make every stand-in part of the resolved config, hence of config.yaml and the run id.
+
+    A random-init model (model.pretrained=false) whose tokenizer is a hub id that cannot be had
+    here (offline and not in the local cache) runs with the packaged MiniLM tokenizer; the
+    tokenizer is then recorded as that package, so such a run never shares an id with one that
+    used the real tokenizer."""
+    import logging
+
+    from dpft import hub
+
+    model = cfg.get("model")
+    if model is None or model.get("pretrained", True):
+        return
+    name = model.get("tokenizer") or model.get("name_or_path")
+    if name is None:
+        return
+    if hub.hub_available(str(name), ("tokenizer_config.json", "tokenizer.json")) is False:
+        if name not in _WARNED:
+            _WARNED.add(name)
+            logging.getLogger("dpft").warning(
+                "tokenizer %s is not available offline; this random-init run uses the packaged MiniLM tokenizer, "
+                "recorded as model.tokenizer=%s (so in config.yaml and the run id)", name, hub.FALLBACK_TOKENIZER)
+        OmegaConf.update(cfg, "model.tokenizer", hub.FALLBACK_TOKENIZER, force_add=True)

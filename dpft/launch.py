@@ -57,7 +57,8 @@ def run_job(overrides: list[str], run_id: str | None = None, force: bool = False
         return _failed(2, f"config for {' '.join(overrides)} now has run id {spec.run_id}, the plan says {run_id}; "
                           "configs changed since planning: re-run `dpft sweep` to re-plan")
     try:
-        train_spec(spec, force=force, resume=True)  # re-entering a job continues its checkpoint
+        # re-entering a job continues its checkpoint; a job another process owns is waited for
+        train_spec(spec, force=force, wait=True)
     except AlreadyDone:  # finished by a concurrent sweep in the meantime
         return 0, ""
     except KeyboardInterrupt:
@@ -373,6 +374,11 @@ def _error_of(plan: Plan, t: Task) -> str:
     return ""
 
 
+def _fmt_s(seconds: float) -> str:
+    s = int(round(max(0.0, seconds)))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
 class Display:
     """A rich Live table on a terminal; one line per state change otherwise (logs, CI, tests)."""
 
@@ -400,8 +406,49 @@ class Display:
         i = self.tasks.index(t) + 1
         took = f" {t.ended - t.started:.0f}s" if t.started and t.ended else ""
         extra = f"  {t.note}" if t.note else ""
-        self.console.print(f"[{i}/{n}] {t.state:<11} {t.job.run_id}  {t.job.describe()}{took}{extra}",
+        eta = self.eta()
+        eta = f"  (sweep eta {_fmt_s(eta)})" if eta is not None and t.state in ("done", "failed", "interrupted") \
+            and any(x.state in ("pending", "running") for x in self.tasks) else ""
+        self.console.print(f"[{i}/{n}] {t.state:<11} {t.job.run_id}  {t.job.describe()}{took}{extra}{eta}",
                            highlight=False, markup=False)
+
+    def job_progress(self, t: Task) -> tuple[int, int | None]:
+        """(last logged step, planned steps) of a job from its run directory."""
+        from dpft import store
+
+        path = store.run_dir(self.plan.output_dir, t.job.run_id)
+        meta = store.read_json(path / "meta.json") or {}
+        steps = meta.get("steps") if meta.get("run_id") == t.job.run_id else None
+        return store.last_step(path / "metrics.jsonl"), steps if isinstance(steps, int) else None
+
+    def eta(self) -> float | None:
+        """Seconds until the sweep is done: each running job's remaining steps at its own pace, plus
+        the pending jobs at the mean duration of the jobs finished in this sweep (or, before any
+        has, the running jobs' projected durations), spread over the jobs that run at once."""
+        now = time.time()
+        finished = [t.ended - t.started for t in self.tasks if t.state == "done" and t.started and t.ended]
+        running = [t for t in self.tasks if t.state == "running" and t.started]
+        remaining, projected = [], []
+        for t in running:
+            step, steps = self.job_progress(t)
+            elapsed = now - t.started
+            if steps and step > 0:
+                # steps resumed from a checkpoint count as done at no cost: a slight underestimate
+                per = elapsed / step
+                remaining.append(per * max(0, steps - step))
+                projected.append(per * steps)
+            else:
+                remaining.append(None)
+        pending = sum(t.state == "pending" for t in self.tasks)
+        if finished:
+            per_job = sum(finished) / len(finished)
+        else:
+            per_job = sum(projected) / len(projected) if projected else None
+        if per_job is None or any(r is None for r in remaining) and not finished:
+            return None
+        rem = [r if r is not None else per_job for r in remaining]
+        width = max(1, len(running))
+        return (sum(rem) + pending * per_job) / width
 
     def refresh(self) -> None:
         if self.live is not None:
@@ -410,11 +457,16 @@ class Display:
     def render(self):
         from rich.table import Table
 
+        from rich.markup import escape
+
         c = counts(self.tasks)
         summary = "  ".join(f"{k} {v}" for k, v in sorted(c.items()))
-        table = Table(title=f"sweep {self.plan.name}: {len(self.tasks)} jobs  ({summary})", title_justify="left")
-        for col in ("state", "run id", "job", "time", "result / note"):
-            table.add_column(col, no_wrap=col != "result / note")
+        eta = self.eta()
+        eta = f"  eta {_fmt_s(eta)}" if eta is not None else ""
+        table = Table(title=escape(f"sweep {self.plan.name}: {len(self.tasks)} jobs  ({summary}){eta}"),
+                      title_justify="left")
+        for col in ("state", "run id", "job", "step", "time", "result / note"):
+            table.add_column(col, no_wrap=col != "result / note", justify="right" if col == "step" else "left")
         order = {"running": 0, "failed": 1, "waiting": 2, "interrupted": 3, "pending": 4, "done": 5, "skipped": 6}
         rows = sorted(self.tasks, key=lambda t: (order.get(t.state, 9), self.tasks.index(t)))
         limit = max(5, (self.console.size.height or 40) - 8)
@@ -426,9 +478,14 @@ class Display:
             if t.state in ("done", "skipped") and not t.result:
                 t.result = _result(self.plan, t.job)
             res = t.result if t.state in ("done", "skipped") else t.note
-            table.add_row(f"[{STYLE.get(t.state, '')}]{t.state}", t.job.run_id, t.job.describe(), took, res)
+            prog = ""
+            if t.state == "running":
+                step, steps = self.job_progress(t)
+                prog = f"{step}/{steps}" if steps else (str(step) if step else "")
+            table.add_row(f"[{STYLE.get(t.state, '')}]{t.state}", t.job.run_id, escape(t.job.describe()), prog, took,
+                          escape(res))
         if len(rows) > limit:
-            table.add_row("…", "", f"{len(rows) - limit} more", "", "")
+            table.add_row("…", "", f"{len(rows) - limit} more", "", "", "")
         return table
 
 

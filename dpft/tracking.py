@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 log = logging.getLogger("dpft")
@@ -28,6 +29,11 @@ def wandb_mode(logger_cfg) -> str:
     mode = str(logger_cfg.wandb.mode)
     if mode == "auto":
         return "online" if _has_wandb_credentials() else "offline"
+    if mode == "online" and not _has_wandb_credentials():
+        # wandb.init would fail (or prompt) and the run would log nothing at all to W&B
+        log.warning("logger=online but no W&B credentials (WANDB_API_KEY or `wandb login`): logging offline into "
+                    "the run directory instead; upload later with `wandb sync <run dir>/wandb/offline-run-*`")
+        return "offline"
     return mode
 
 
@@ -48,7 +54,7 @@ class WandbTracker(NullTracker):
     """One W&B run per dpft run, living inside the run directory; always finished."""
 
     def __init__(self, logger_cfg, run_dir: Path, config: dict, name: str, run_id: str, mode: str,
-                 resume_id: str | None = None):
+                 resume_id: str | None = None, logged_through: int = 0):
         import wandb
 
         self._wandb = wandb
@@ -60,8 +66,14 @@ class WandbTracker(NullTracker):
                               **({"id": resume_id, "resume": "allow"} if resume_id else {}))
         self.run.config.update({"dpft/run_id": run_id}, allow_val_change=True)
         self.run_id = self.run.id
+        # A resumed run recomputes (identically) the steps its crashed attempt logged after the
+        # checkpoint; W&B already has them, in the earlier segment of the same run id. Sending them
+        # again would give `wandb sync` two overlapping segments, so they are not re-sent.
+        self.logged_through = int(logged_through or 0)
 
     def log(self, record: dict, step: int) -> None:
+        if step <= self.logged_through:
+            return
         self.run.log({k: v for k, v in record.items() if k != "step"}, step=step)
 
     def summary(self, summary: dict) -> None:
@@ -74,43 +86,93 @@ class WandbTracker(NullTracker):
         self.run.finish(exit_code=exit_code)
 
 
-def make_tracker(cfg, run_dir: Path, config: dict, name: str, run_id: str, resume_id: str | None = None):
+def make_tracker(cfg, run_dir: Path, config: dict, name: str, run_id: str, resume_id: str | None = None,
+                 logged_through: int = 0):
     mode = wandb_mode(cfg.logger)
     if mode == "disabled":
         return NullTracker()
     try:
-        return WandbTracker(cfg.logger, run_dir, config, name, run_id, mode, resume_id)
+        return WandbTracker(cfg.logger, run_dir, config, name, run_id, mode, resume_id,
+                            logged_through if resume_id else 0)
     except Exception as e:  # tracking must never cost a run
         log.warning("W&B disabled for this run: %s", " ".join(str(e).split())[:200])
         return NullTracker()
 
 
-class Progress:
-    """Live rich progress on a terminal; plain log lines (at evals) otherwise."""
+def _fmt_eta(seconds: float | None) -> str:
+    if seconds is None or seconds != seconds or seconds == float("inf"):
+        return "-:--:--"
+    s = int(round(max(0.0, seconds)))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
-    def __init__(self, mode: str, total: int, title: str):
+
+def _fmt_eps(v) -> str:
+    if isinstance(v, str):  # "inf" as the store writes it
+        return "∞"
+    return "∞" if v == float("inf") else f"{v:.3g}"
+
+
+class Progress:
+    """Live rich progress on a terminal (laid out to fit 80 columns); in a pipe, one plain line
+    every `every` steps (about 20 per run, and every eval) with step, loss, ε spent and ETA.
+
+    ε spent is read from each record's ``privacy/epsilon`` (the engine logs it from step 1; it
+    depends only on σ, q and the step count, so it is public); without one the last known value
+    stays."""
+
+    KEYS = ("train/loss", "privacy/epsilon", "eval/accuracy")
+
+    def __init__(self, mode: str, total: int, title: str, every: int | None = None, console=None):
         if mode == "auto":
             mode = "rich" if sys.stderr.isatty() else "plain"
         self.mode, self.total, self.title = mode, total, title
+        self.every = every or max(1, round(total / 20))
         self._bar = None
+        self._t0 = time.monotonic()
+        self._first = None
+        self._last: dict = {}
         if mode == "rich":
+            from rich.console import Console
+            from rich.markup import escape
             from rich.progress import BarColumn, MofNCompleteColumn, Progress as RP, TextColumn, TimeRemainingColumn
 
-            self._bar = RP(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                           TimeRemainingColumn(), TextColumn("{task.fields[info]}"), transient=False)
+            console = console or Console(stderr=True)
+            console.print(f"[bold]{escape(title)}[/]", highlight=False)  # the slug on its own line
+            # bar 20 + "  100/100" + ETA 7 + "loss 0.693  ε 7.99  acc 0.864" ≈ 75 columns
+            self._bar = RP(BarColumn(bar_width=20), MofNCompleteColumn(), TimeRemainingColumn(),
+                           TextColumn("{task.fields[info]}", markup=False), console=console,
+                           transient=False, expand=False)
             self._task = self._bar.add_task(title, total=total, info="")
             self._bar.start()
-        self._last = {}
+
+    def info(self) -> str:
+        parts = []
+        for key, label in (("train/loss", "loss"), ("privacy/epsilon", "ε"), ("eval/accuracy", "acc")):
+            v = self._last.get(key)
+            if key == "privacy/epsilon" and v is not None:
+                parts.append(f"ε {_fmt_eps(v)}")
+            elif isinstance(v, (int, float)):
+                parts.append(f"{label} {v:.4g}")
+        return "  ".join(parts)
+
+    def eta(self, step: int) -> float | None:
+        if self._first is None or step <= self._first[0]:
+            return None
+        s0, t0 = self._first
+        return (time.monotonic() - t0) / (step - s0) * (self.total - step)
 
     def update(self, step: int, record: dict) -> None:
-        for key in ("train/loss", "privacy/epsilon", "eval/accuracy"):
+        if self._first is None:  # timed from the start (a resumed run from its first new step)
+            self._first = (step - 1, self._t0)
+        for key in self.KEYS:
             if record.get(key) is not None:
                 self._last[key] = record[key]
-        info = "  ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in self._last.items() if isinstance(v, float))
         if self._bar is not None:
-            self._bar.update(self._task, completed=step, info=info)
-        elif self.mode == "plain" and any(k.startswith("eval/") for k in record):
-            print(f"[{self.title}] step {step}/{self.total}  {info}", file=sys.stderr, flush=True)
+            self._bar.update(self._task, completed=step, info=self.info())
+        elif self.mode == "plain" and (step % self.every == 0 or step == self.total
+                                       or any(k.startswith("eval/") for k in record)):
+            print(f"[{self.title}] step {step}/{self.total}  {self.info()}  eta {_fmt_eta(self.eta(step))}",
+                  file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self._bar is not None:

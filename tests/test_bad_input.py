@@ -27,6 +27,11 @@ CASES = {
     "epsilon ceiling": (["privacy.noise_multiplier=0.3", "privacy.max_epsilon=8"], "privacy.max_epsilon=8"),
     "hub model offline": (["model=roberta-base"], "not available offline"),
     "hub task offline": (["task=sst2"], "task.data_dir"),
+    "fractional steps": (["train.steps=2.5"], "train.steps must be an integer, got 2.5"),
+    "fractional batch": (["train.batch_size=32.5"], "train.batch_size must be an integer"),
+    "non-ASCII path unquoted": (["paths.output_dir=/tmp/résumé"], "needs Hydra quotes inside the shell's: "
+                                "\"paths.output_dir='/tmp/résumé'\""),
+    "force and resume": (["--force", "--resume"], "pick one"),
 }
 
 

@@ -34,7 +34,10 @@ def _last_step(run: Path) -> int:
         return 0
 
 
-def test_sigkill_then_resume_matches_uninterrupted(tmp_path, dpft):
+@pytest.mark.parametrize("flag", ["--resume", None], ids=["explicit", "plain-rerun"])
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path, dpft, flag):
+    """`--resume`, and since resuming is the default, the plain command run again (issue 22: it
+    used to archive the checkpoint and restart at step 1 without a word)."""
     env = {**os.environ, "WANDB_MODE": "disabled"}
     ref_out, out = tmp_path / "ref", tmp_path / "killed"
     subprocess.run(_dpft("train", *ARGS, f"paths.output_dir={ref_out}"), check=True, env=env, capture_output=True)
@@ -55,8 +58,9 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, dpft):
         pytest.skip("the run finished before it could be killed (machine too fast for the poll)")
     assert json.loads((run / "meta.json").read_text())["status"] == "running"  # killed: no chance to record
 
-    r = dpft("train", *ARGS, f"paths.output_dir={out}", "--resume")
+    r = dpft("train", *ARGS, f"paths.output_dir={out}", *([flag] if flag else []))
     assert r.exit_code == 0, r.stderr
+    assert "resuming" in r.stdout and not (run / "attempts").exists(), r.stdout
     metrics, summary, meta = read_run(run)
     ref_metrics, ref_summary, _ = read_run(run_dirs(ref_out)[0])
     assert [m["step"] for m in metrics] == list(range(1, 15))  # nothing duplicated, nothing missing

@@ -68,7 +68,7 @@ def check_data(state: dict, fingerprint: str, path: Path) -> None:
     """Refuse to resume on training data other than the data the checkpoint was trained on."""
     if state.get("data_fingerprint") != fingerprint:
         raise DpftError(f"checkpoint {path} was trained on other training data (fingerprint mismatch); "
-                        "resuming would re-release steps on changed data. Re-run with --force to start over")
+                        "resuming would re-release steps on changed data. Re-run with --restart to start over")
 
 
 class ShuffleBatches:
