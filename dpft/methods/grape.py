@@ -37,7 +37,7 @@ Algorithm. For every projected weight W ∈ ℝ^{m×n} (out × in) of an ``nn.Li
   Biases and every parameter outside projected layers get ordinary per-sample gradients.
   Autograd still forms the ordinary (summed, not per-sample) m × n gradient of W.
   Both engine paths are supported and give the same clipped sum (tested):
-  ``engine.grad_sample_mode=hooks`` keeps every Ĝ_i until clipping (the paper's scheme);
+  ``engine.grad_sample_mode=hooks`` keeps every Ĝ_i until clipping (the code's scheme [C]);
   ``ghost`` (dpft's default) [R] lets Opacus' fast-gradient-clipping hooks reduce each layer's Ĝ_i
   to its per-sample norm at once (embeddings, LayerNorm: ghost norms), then a second backward of
   Σ_i w_i·loss_i gives Σ_i w_i G_i, projected as (Σ_i w_i G_i)·Pᵀ = Σ_i w_i Ĝ_i (``space_map``);
