@@ -269,3 +269,22 @@ def test_bad_report_targets_are_one_line_errors(tmp_path, monkeypatch, target, m
         res = CliRunner().invoke(app, ["report", str(path), f"paths.output_dir={tmp_path / 'outputs'}"])
         assert res.exit_code != 0 and msg in res.output and "Traceback" not in res.output
         assert not (tmp_path / "outputs" / "reports").exists()
+
+
+def test_cli_report_with_a_baseline_target_writes_its_caption(tmp_path, monkeypatch):
+    """End to end: `dpft report FILE` with `target: {best: {method: dpsgd}}` writes the table whose
+    caption names the baseline restriction and the target value it used."""
+    import yaml
+    from test_report import SWEEP_FILE, accuracy, build_store
+
+    monkeypatch.chdir(tmp_path)
+    build_store(tmp_path / "outputs")
+    data = yaml.safe_load(SWEEP_FILE.read_text())
+    data["report"].update(target={"best": {"method": "dpsgd"}}, target_by=["privacy.epsilon"], paper=[])
+    path = tmp_path / "fixture.yaml"
+    path.write_text(yaml.safe_dump(data, allow_unicode=True))
+    res = CliRunner().invoke(app, ["report", str(path), f"paths.output_dir={tmp_path / 'outputs'}"])
+    assert res.exit_code == 0, res.output
+    md = (tmp_path / "outputs" / "reports" / "fixture" / "fixture.md").read_text()
+    best = sum(accuracy("dpsgd", 3, s, 200) for s in (0, 2)) / 2
+    assert "among the runs with method = dpsgd per ε" in md and f"3 {best:.4g}" in md
