@@ -112,6 +112,34 @@ def _measure(item, metric_scale: float, metric_digits: int, better: str) -> Meas
     return m
 
 
+def _parse_target(target, plan: Plan):
+    """task | best | a number | {best: {<key>: <value>, ...}} (best final mean among the matching
+    runs only, e.g. the same sweep's DP-SGD baseline rows)."""
+    if isinstance(target, dict):
+        where = target.get("best")
+        if set(target) != {"best"} or not isinstance(where, dict) or not where \
+                or any(isinstance(v, (dict, list)) for v in where.values()):
+            raise DpftError("report.target: a mapping must be {best: {<config key>: <value>, ...}}, "
+                            "e.g. {best: {method: dpsgd}}")
+        where = {str(k): fmt_label(v) for k, v in where.items()}
+        if plan.jobs and not any(_matches(j, where) for j in plan.jobs):
+            raise DpftError("report.target: no job of the plan has " + _where_text(where))
+        return {"best": where}
+    if not (target in ("task", "best") or (isinstance(target, (int, float)) and not isinstance(target, bool))):
+        raise DpftError("report.target must be task (each run's task.target), best (best final mean in the sweep), "
+                        "{best: {<key>: <value>}} (best among those runs) or a number")
+    return target
+
+
+def _matches(job: Job, where: dict[str, str]) -> bool:
+    flat = _flat(job.config)
+    return all(label_of(job, k, flat) == v for k, v in where.items())
+
+
+def _where_text(where: dict[str, str]) -> str:
+    return ", ".join(f"{k} = {v}" for k, v in where.items())
+
+
 def parse_report(block: dict, plan: Plan) -> ReportSpec:
     unknown = sorted(set(block) - set(REPORT_KEYS))
     if unknown:
@@ -131,10 +159,7 @@ def parse_report(block: dict, plan: Plan) -> ReportSpec:
         raise DpftError(f"report.measures: two measures share a label ({', '.join(labels)})")
     rows, cols = _as_list(block.get("rows"), "rows"), _as_list(block.get("cols"), "cols")
     over = _as_list(block.get("over", ["seed"]), "over")
-    target = block.get("target", "task")
-    if not (target in ("task", "best") or isinstance(target, (int, float))):
-        raise DpftError("report.target must be task (each run's task.target), best (best final mean in the sweep) "
-                        "or a number")
+    target = _parse_target(block.get("target", "task"), plan)
     bold = str(block.get("bold", "column"))
     if bold not in ("column", "row", "none"):
         raise DpftError("report.bold must be column, row or none")
@@ -400,11 +425,14 @@ def _targets(spec: ReportSpec, runs: list[RunData]) -> str:
                 per.setdefault(r.labels["task"] if "task" in r.labels else label_of(r.job, "task"), r.target)
         desc = ", ".join(f"{k} {v:g}" for k, v in per.items()) or "none configured"
         return f"target = the task's configured reference task.target ({desc})"
-    # best: the best mean final value of any cell, within each target_by group
+    # best: the best mean final value of any cell (of the matching runs only), within each target_by group
+    where = spec.target["best"] if isinstance(spec.target, dict) else None
     final = Measure("final", "final", "final", better=spec.better)
     pick = max if spec.better == "max" else min
     cells: dict[tuple, list[float]] = {}
     for r in runs:
+        if where is not None and not _matches(r.job, where):
+            continue
         v = _value(r, final, spec.metric)
         if not math.isnan(v):
             cells.setdefault(tuple(r.labels[k] for k in spec.target_by + spec.rows + spec.cols), []).append(v)
@@ -417,7 +445,8 @@ def _targets(spec: ReportSpec, runs: list[RunData]) -> str:
         r.target = best.get(tuple(r.labels[k] for k in spec.target_by))
     by = " × ".join(spec.display(k) for k in spec.target_by) or "the whole sweep"
     desc = "; ".join(f"{' '.join(g)} {v:.4g}" if g else f"{v:.4g}" for g, v in best.items())
-    return f"target = best final mean {spec.metric} in this sweep per {by} ({desc})"
+    among = f" among the runs with {_where_text(where)}" if where is not None else ""
+    return f"target = best final mean {spec.metric} in this sweep{among} per {by} ({desc or 'no finished run'})"
 
 
 # --------------------------------------------------------------------------- claim statistics

@@ -416,8 +416,51 @@ def test_method_state_round_trip_reproduces_the_random_starts():
     assert all(torch.equal(a[n], b[n]) for n in grads)
 
 
+@pytest.mark.parametrize("fast", [False, True])
+def test_shrinker_options_give_their_singular_values(fast):
+    """shrinker=optimal | spike | hard gives each kept λ the value θ̂·c_n·c_m | θ̂ = F⁻¹(λ) | λ (the
+    paper's choice is [U]). Without norm correction D's singular values are those values exactly,
+    on the same singular vectors; with it a rank-1 layer is the same under all three."""
+    n, m, s = 300, 600, 0.02
+    c = crit(n, m, s)
+    Y, X, _, _ = spiked(n, m, [4.0 * c, 2.0 * c], s, seed=3)
+    lam = torch.linalg.svdvals(Y.double())[:2]
+    want = {"optimal": shrink(lam, s, n, m), "spike": bbp_inverse(lam, s, n, m), "hard": lam}
+    out = {}
+    for name, eta in want.items():
+        D = denoise_matrix(Y, s, norm_correction=False, fast=fast, shrinker=name)
+        sv = torch.linalg.svdvals(D.double())
+        assert torch.allclose(sv[:2], eta, rtol=2e-3), name
+        assert float(sv[2]) < 1e-4 * float(sv[0]), name  # rank 2: nothing else kept
+        out[name] = D
+    # the three are ordered optimal < spike < hard in magnitude, and each is a distinct matrix
+    assert float(out["optimal"].norm()) < float(out["spike"].norm()) < float(out["hard"].norm())
+    # hard = the truncated SVD at the threshold
+    u, sv, vh = torch.linalg.svd(Y.double(), full_matrices=False)
+    assert rel(out["hard"], u[:, :2] @ torch.diag(sv[:2]) @ vh[:2]) < 1e-3
+    # rank 1 + norm correction: all three coincide (the rescale fixes the only free number)
+    Y1, _, _, _ = spiked(n, m, [3.0 * c], s, seed=4)
+    outs = [denoise_matrix(Y1, s, fast=fast, shrinker=k) for k in want]
+    assert all(rel(o, outs[0]) < 1e-4 for o in outs[1:])
+    with pytest.raises(ValueError, match="shrinker"):
+        denoise_matrix(Y, s, shrinker="soft")
+
+
+def test_method_shrinker_option_reaches_the_denoiser():
+    s = 0.01
+    strong = "bert.encoder.layer.0.attention.self.query.weight"
+    outs = {}
+    for name in ("optimal", "hard"):
+        method, params = _method(shrinker=name, norm_correction=False)
+        assert method.shrinker == name
+        grads = _grads(params, s, {strong})
+        outs[name] = method.postprocess(grads, {k: s for k in grads}, step=1)[strong]
+    assert float(outs["hard"].norm()) > float(outs["optimal"].norm())
+
+
 @pytest.mark.parametrize("override,message", [("method.kappa=0.9", "kappa"),
                                               ("method.empty_policy=drop", "empty_policy"),
+                                              ("method.shrinker=soft", "shrinker"),
                                               ("method.stop_after=-1", "stop_after")])
 def test_bad_method_options_are_one_line_errors(dpft, override, message):
     r = dpft("train", "debug=tiny", "method=denoise", override)

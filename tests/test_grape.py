@@ -292,6 +292,30 @@ def test_update_direction_in_expectation_is_dp_adams():
     assert cos > 0.5, cos
 
 
+def test_proj_std_sqrt_r_is_not_the_same_method_with_another_lr():
+    """The sweep once called proj_std=1/sqrt_r "exactly the code's method with lr·√r". With clipping
+    active the flat clip sees projected and unprojected gradients together and the noise σC is the
+    same for both, so scaling P by a = √r multiplies the projected layers' share of the clipped
+    sum (in the privatised space, where the noise is added) by ≈ a² = r relative to the unprojected
+    layers: their signal-to-noise ratios move apart by ≈ √r. An lr change leaves this ratio at 1.
+    σ = 0 measures the clean sums exactly (the same batch, the same P up to its scale)."""
+    r = 8
+    share = {}
+    for std in ("1/r", "1/sqrt_r"):
+        model, params, method, hooks, opt = _setup(f"method.rank={r}", f"method.proj_std={std}", "method.refresh=1000",
+                                                   sigma=0.0, clip=1e-4, batch=6.0)
+        torch.manual_seed(0)
+        seen = _step(model, params, method, hooks, opt, [_batch(6, seed=1)], "hooks")
+        hooks.cleanup()
+        proj = sum(float(seen[n].pow(2).sum()) for n in method.projectors)
+        rest = sum(float(seen[n].pow(2).sum()) for n in params if n not in method.projectors)
+        share[std] = proj / rest
+    ratio = share["1/sqrt_r"] / share["1/r"]
+    # exactly r if every example's clip weight w_i = C/‖(a·p_i, u_i)‖ changed by the same factor; the
+    # weights shift between examples with their projected/unprojected mix, so allow a factor 3
+    assert r / 3 < ratio < 3 * r, share
+
+
 # ---------------------------------------------------------------- configuration and bench
 
 

@@ -4,11 +4,21 @@ Paper: Li, Zmigrod, Ma, Liu, Zhu, "Fine-Tuning Language Models with Differential
 Adaptive Noise Allocation" (arXiv 2410.02912, EMNLP Findings 2024). Notes:
 /work/shared/papers/anadp.md and algorithms-detail.md §4.
 
-**Provenance.** The paper's exact formulas could not be read. The importance score and every
-allocation detail below are *[R] reconstructed* (algorithms-detail §4b), not verified against the
-paper; its β1/β2, sharpness, floors, warm-up and its noise map are unknown ([U]) and the config
-values are starting points, not the paper's. What is *not* a guess is the privacy argument: it
-holds for any allocation this module can produce.
+**Provenance** (tags: [P] read in the paper, [R] the project's construction, [U] unknown, [N]
+second-hand). Only the abstract could be read: noise is allocated by parameter importance under
+the same budget [P abstract]. That the importance is sensitivity × uncertainty from moving
+averages is [N] (a review aggregator, via algorithms-detail §4). **Per-group clipping C_g, the
+clipping split κ_g and the allocation map π → s_g below are the project's construction [R]**
+(option (ii) of algorithms-detail §4b.3), chosen because they make the budget exact; whether the
+paper clips per group, and its map, are [U]. The AdaLoRA form of the score is [R]; β1/β2,
+sharpness, floors, warm-up and the group granularity of the paper are [U], and the config values
+are starting points, not the paper's. What is *not* a guess is the privacy argument: it holds for
+any allocation this module can produce.
+
+Isolating reallocation. Even with uniform shares this is per-group clipping (C_g = C/√G over G
+groups, ~200 tensors for a full RoBERTa-base), not DP-SGD's flat clip. ``alpha: 0`` keeps the
+per-group clipping and gives every group DP-SGD's noise σC (π = κ): the control row of
+``dpft sweep anadp`` that separates "per-group clipping" from "noise reallocation".
 
 Privacy argument (option (ii) of algorithms-detail §4b.3):
 
@@ -38,10 +48,24 @@ the ordinary L2 sensitivity of the whole contribution stays ≤ C = ``privacy.cl
 Importance [R] (AdaLoRA's sensitivity × uncertainty, applied to the privatised mean gradient G̃_t
 the engine hands to ``postprocess`` and to the weights θ_t before the update), per entry k::
 
-    I_k = |θ_k · G̃_k|
+    I_k = |θ_k · ĝ_k|       ĝ = G̃_t (importance: adalora), or
+                             ĝ = m_t = β_g m_{t−1} + (1 − β_g) G̃_t  (importance: smoothed)
     Ī   = β1 Ī + (1 − β1) I                    (zero-initialised, as AdaLoRA)
     Ū   = β2 Ū + (1 − β2) |I − Ī|
     S_g = mean over the entries of group g of Ī·Ū
+
+Why ``smoothed`` [R]: |θ_k·G̃_k| takes the absolute value *before* averaging, so the noise in G̃
+(per-entry std s_g/B, typically far above the clipped signal) never averages out of Ī: the score
+then ranks groups by |θ|·(noise std) rather than by the gradient. Averaging G̃ first (β_g = 0.9
+divides the noise std by ≈ 4.4 once the EMA has settled) lets a persistent gradient direction
+dominate. Both read only privatised gradients and weights.
+
+Diagnostics of the importance signal (post-processing, logged every step, never fed back):
+``score_noise_corr`` and ``score_theta_corr`` are Spearman rank correlations, over groups, of the
+score S_g with the group's per-entry noise std in G̃_t and with its mean |θ_g| (NaN when one side
+is constant, e.g. uniform noise); ``sens_noise_ratio`` is the median over groups of
+E[|θ·Z|]/mean|θ·ĝ|, the sensitivity that pure noise Z (per-entry std s_g/B, or its EMA-reduced
+std) would produce relative to the observed one: near 1 the score is noise, near 0 it is signal.
 
 Allocation map (the paper's is [U]; this one is ours)::
 
@@ -70,6 +94,7 @@ from dpft.errors import DpftError
 from dpft.methods.base import Method, cfg_choice, cfg_number, clip_flat, register
 
 GRANULARITIES = ("tensor", "layer")
+IMPORTANCES = ("adalora", "smoothed")
 CLIP_SPLITS = ("uniform", "numel")
 _LAYER_RE = re.compile(r"(?:^|\.)layer\.(\d+)\.")
 _NUDGE = 1e-9  # relative upward nudge of s_g against float64 rounding (σ_eff never below σ)
@@ -138,6 +163,30 @@ def sigma_eff(clips: Tensor, stds: Tensor) -> float:
     return float(r.rsqrt())
 
 
+def _spearman(a: Tensor, b: Tensor) -> float:
+    """Spearman rank correlation over groups (scipy), NaN when either side is constant or < 3 groups."""
+    ok = torch.isfinite(a) & torch.isfinite(b)
+    a, b = a[ok], b[ok]
+    if a.numel() < 3 or float(a.max() - a.min()) == 0.0 or float(b.max() - b.min()) == 0.0:
+        return float("nan")
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a.numpy(), b.numpy()).statistic)
+
+
+def _signal_diagnostics(scores: Tensor, noise: Tensor, theta_abs: Tensor, sens: Tensor, shrink: float) -> dict:
+    """Is the importance score signal or noise? (module docstring; privatised inputs only)."""
+    # pure noise Z with per-entry std τ gives E|θ_k Z_k| = |θ_k|·τ·√(2/π)
+    floor = theta_abs * noise * shrink * math.sqrt(2 / math.pi)
+    ratio = floor / sens.clamp_min(1e-300)
+    ratio = ratio[torch.isfinite(ratio) & (sens > 0)]
+    return {
+        "score_noise_corr": _spearman(scores, noise),
+        "score_theta_corr": _spearman(scores, theta_abs),
+        "sens_noise_ratio": float(ratio.median()) if ratio.numel() else float("nan"),
+    }
+
+
 @register("anadp")
 class ANADP(Method):
     """Per-group clipping C_g and noise s_g, importance-driven, with σ_eff = calibrated σ."""
@@ -163,6 +212,10 @@ class ANADP(Method):
             # floor = 0 would allow s_g → ∞ (a group switched off); Σπ = 1 needs floor ≤ 1 ≤ ceiling
             raise DpftError(f"method.floor/ceiling must satisfy 0 < floor <= 1 <= ceiling, "
                             f"got floor={self.floor}, ceiling={self.ceiling}")
+        self.importance = cfg_choice(m, "importance", "adalora", IMPORTANCES)
+        self.grad_beta = self._number(m, "grad_beta", 0.9)
+        if not 0.0 <= self.grad_beta < 1.0:
+            raise DpftError(f"method.grad_beta must be in [0, 1), got {self.grad_beta}")
         warmup = self._number(m, "warmup", 10)
         if warmup < 0 or warmup != int(warmup):
             raise DpftError(f"method.warmup must be an integer >= 0, got {warmup}")
@@ -175,8 +228,10 @@ class ANADP(Method):
         self._stds: Tensor | None = None
         self._ema_i: dict[str, Tensor] = {}
         self._ema_u: dict[str, Tensor] = {}
+        self._ema_g: dict[str, Tensor] = {}  # importance=smoothed: EMA of the privatised gradient
         self._step = 0  # last step whose privatised gradient entered the importance
         self._scores: Tensor | None = None
+        self._signal: dict[str, float] = {}  # importance-signal diagnostics of the last step
 
     @staticmethod
     def _number(node, key, default):
@@ -200,6 +255,8 @@ class ANADP(Method):
         self._kappa = kappa / kappa.sum()
         self._ema_i = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
         self._ema_u = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+        self._ema_g = ({n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+                       if self.importance == "smoothed" else {})
         self._step = 0
         self.set_shares(self._kappa)
 
@@ -244,19 +301,41 @@ class ANADP(Method):
     def postprocess(self, grads: dict[str, Tensor], noise_std: dict[str, float], step: int) -> dict[str, Tensor]:
         """Update the importance EMAs from the privatised G̃_t and θ_t, then fix the allocation
         for step t + 1. The update direction is G̃_t unchanged."""
-        scores = torch.zeros(len(self.groups), dtype=torch.float64)
-        counts = torch.zeros(len(self.groups), dtype=torch.float64)
+        G = len(self.groups)
+        scores = torch.zeros(G, dtype=torch.float64)
+        counts = torch.zeros(G, dtype=torch.float64)
+        sens_sum = torch.zeros(G, dtype=torch.float64)    # Σ_k |θ_k ĝ_k|
+        theta_sum = torch.zeros(G, dtype=torch.float64)   # Σ_k |θ_k|
+        noise = torch.zeros(G, dtype=torch.float64)       # per-entry noise std of G̃_t in group g
+        # EMA of G̃ with bias correction: its noise std is s·√((1−β)(1+β^t)/((1+β)(1−β^t)))
+        t = int(step)
+        if self.importance == "smoothed":
+            b = self.grad_beta
+            shrink = math.sqrt((1 - b) * (1 + b ** t) / ((1 + b) * (1 - b ** t))) if b > 0 else 1.0
+        else:
+            shrink = 1.0
         with torch.no_grad():
             for k, (name, g) in enumerate(grads.items()):
                 theta = self.params[name].detach().float()
-                sens = (theta * g.float()).abs()
+                if self.importance == "smoothed":
+                    m = self._ema_g[name]
+                    m.mul_(self.grad_beta).add_(g.float(), alpha=1 - self.grad_beta)
+                    ghat = m / (1 - self.grad_beta ** t) if self.grad_beta > 0 else m
+                else:
+                    ghat = g.float()
+                sens = (theta * ghat).abs()
                 ema_i, ema_u = self._ema_i[name], self._ema_u[name]
                 ema_i.mul_(self.beta1).add_(sens, alpha=1 - self.beta1)
                 ema_u.mul_(self.beta2).add_((sens - ema_i).abs(), alpha=1 - self.beta2)
                 gi = int(self._gidx[k])
                 scores[gi] += float((ema_i.double() * ema_u.double()).sum())
                 counts[gi] += ema_i.numel()
+                sens_sum[gi] += float(sens.double().sum())
+                theta_sum[gi] += float(theta.abs().double().sum())
+                noise[gi] = float(noise_std.get(name, float("nan")))
         self._scores = scores / counts.clamp_min(1)
+        self._signal = _signal_diagnostics(self._scores, noise, theta_sum / counts.clamp_min(1),
+                                           sens_sum / counts.clamp_min(1), shrink)
         self._step = int(step)
         if step + 1 > self.warmup:
             self.set_shares(shares_from_scores(self._scores, self._kappa, self.alpha, self.floor, self.ceiling))
@@ -280,13 +359,15 @@ class ANADP(Method):
             "sigma_eff": self.sigma_eff(),
             "groups": float(g),
             "adaptive": float(self._step + 1 > self.warmup and self._step >= 1),
+            **self._signal,
         }
 
     # -- state -------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"step": self._step, "groups": list(self.groups), "pi": self._pi.clone(),
                 "ema_i": {n: t.clone() for n, t in self._ema_i.items()},
-                "ema_u": {n: t.clone() for n, t in self._ema_u.items()}}
+                "ema_u": {n: t.clone() for n, t in self._ema_u.items()},
+                "ema_g": {n: t.clone() for n, t in self._ema_g.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         if list(state["groups"]) != self.groups:
@@ -294,4 +375,8 @@ class ANADP(Method):
         self._step = int(state["step"])
         self._ema_i = {n: t.clone() for n, t in state["ema_i"].items()}
         self._ema_u = {n: t.clone() for n, t in state["ema_u"].items()}
+        if self.importance == "smoothed":
+            if not state.get("ema_g"):
+                raise DpftError("ANADP state has no gradient EMA (saved with method.importance=adalora)")
+            self._ema_g = {n: t.clone() for n, t in state["ema_g"].items()}
         self.set_shares(state["pi"])

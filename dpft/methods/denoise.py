@@ -5,7 +5,10 @@ Denoising", arXiv 2510.01137. Only the abstracts and three public reviews could 
 formula below is [R], reconstructed** from the spiked-model results the paper builds on
 (Benaych-Georges & Nadakuditi 2012; Gavish & Donoho 2017), following
 ``shared/papers/algorithms-detail.md`` §2. What the paper leaves unknown [U] is exposed as an option
-instead of guessed (the empty-set policy).
+instead of guessed (``shrinker``, ``empty_policy``, ``include_head``). Tags: [P] paper text (abstract),
+[R] ours, [U] unknown, [N] second-hand (the project's notes or a review; unverified).
+The default κ = 1.02 is [N] (the notes; a review says "empirically tuned" on one dataset, [N]); the
+paper's κ range is [U] (the notes say about 1.01–1.05, [N]).
 
 Privacy
 -------
@@ -23,13 +26,23 @@ Algorithm, per step and per linear weight gradient Y (n × m, Y = X + W, W ~ N(0
 1. Thin SVD Y = Σ λ_i u_i v_iᵀ.
 2. (A) Threshold at κ times the Marchenko–Pastur bulk edge e = s(√n + √m). If λ₁ ≤ κe the layer is
    left as it is (``empty_policy=keep``) or set to zero (``empty_policy=zero``; the paper's choice is [U]).
-3. (B) For every λ_i > κe, the Frobenius-optimal shrunk value
+3. (B) Each λ_i > κe gets a value η_i (``shrinker``; the reviews [N] call step B "the RMT-optimal
+   estimate", its exact form in the paper is [U]):
+   ``optimal`` (default) the Frobenius-optimal shrunk value
        η_i = √[(λ_i² − s²(n+m))² − 4s⁴nm] / λ_i,
    which equals θ̂·c_n·c_m with θ̂ = F⁻¹(λ) the BBP-inverted signal value and c_n, c_m the predicted
-   cosines of the noisy singular vectors with the true ones (see ``bbp_inverse``, ``overlaps``).
+   cosines of the noisy singular vectors with the true ones (see ``bbp_inverse``, ``overlaps``);
+   ``spike`` the plain spike estimate η_i = θ̂ (no overlap factor, larger than ``optimal``);
+   ``hard`` η_i = λ_i (keep the top triplets as they are: truncated SVD at κe).
+   With norm correction on, a layer that keeps one triplet comes out the same under all three (the
+   rescale fixes its norm); they differ for rank ≥ 2 (relative weights of the triplets) and without
+   norm correction (the magnitude).
 4. D = Σ_kept η_i u_i v_iᵀ.
-5. (C) Norm correction D ← D·‖Y‖_F/‖D‖_F (the paper's Theorem 1: per-layer norms kept and per-layer
-   cosines not lowered ⇒ the whole-model cosine does not drop).
+5. (C) Norm correction D ← D·‖Y‖_F/‖D‖_F (that the paper has this step: public reviews, via the
+   notes [N]). Its rationale is attributed to the
+   paper's "Theorem 1" only by the project's notes [N] (statement unverified; the proof in
+   algorithms-detail.md §2 is ours [R]): per-layer norms kept and per-layer cosines not lowered ⇒
+   the whole-model cosine does not drop.
 
 Fast exact path
 ---------------
@@ -80,6 +93,8 @@ from dpft.methods.base import Method, cfg_bool, cfg_number, register
 log = logging.getLogger("dpft")
 
 EMPTY_POLICIES = ("keep", "zero")
+# η_i given to each kept singular value λ_i (module docstring, step 3). The paper's choice is [U].
+SHRINKERS = ("optimal", "spike", "hard")
 # Residual (‖Yᵀu − σv‖) below which a Ritz triplet counts as converged, relative to κe. Vector errors
 # are residual/gap; 1e-5 keeps the rebuilt matrix within 1e-3 of the full-SVD reference, a
 # decade above fp32 rounding of the matrix products.
@@ -149,11 +164,19 @@ def shrink(lam, noise_std: float, n: int, m: int) -> Tensor:
     return val * (lam > bulk_edge(noise_std, n, m))
 
 
-def _shrink_rows(sig: Tensor, s: Tensor, n: int, m: int) -> Tensor:
-    """``shrink`` for a batch: sig (b, k) fp64, s (b,) fp64 on the same device."""
+def _shrink_rows(sig: Tensor, s: Tensor, n: int, m: int, shrinker: str = "optimal") -> Tensor:
+    """η for a batch: sig (b, k) fp64, s (b,) fp64 on the same device; 0 at or below the bulk edge.
+    ``optimal``: ``shrink`` (Frobenius-optimal, θ̂·c_n·c_m); ``spike``: θ̂ = F⁻¹(λ) (``bbp_inverse``,
+    the signal value without the vector-overlap factor); ``hard``: λ itself (plain truncation)."""
     s2 = (s**2)[:, None]
     a = sig**2 - s2 * (n + m)
-    val = torch.sqrt((a**2 - 4 * s2**2 * n * m).clamp_min(0)) / sig.clamp_min(torch.finfo(torch.float64).tiny)
+    disc = torch.sqrt((a**2 - 4 * s2**2 * n * m).clamp_min(0))
+    if shrinker == "optimal":
+        val = disc / sig.clamp_min(torch.finfo(torch.float64).tiny)
+    elif shrinker == "spike":
+        val = torch.sqrt(((a + disc) / 2).clamp_min(0))
+    else:  # hard
+        val = sig
     return torch.where(sig > (s[:, None] * (math.sqrt(n) + math.sqrt(m))), val, torch.zeros_like(val))
 
 
@@ -465,7 +488,9 @@ class DenoiseInfo:
     retries: int = 0    # decompositions that needed a retry (fp64 / other driver / CPU)
 
 
-def _check_args(kappa: float, empty_policy: str, test_iters: int, margin: float) -> None:
+def _check_args(kappa: float, empty_policy: str, test_iters: int, margin: float, shrinker: str = "optimal") -> None:
+    if shrinker not in SHRINKERS:
+        raise ValueError(f"shrinker must be one of {SHRINKERS}, got {shrinker!r}")
     if not (isinstance(kappa, (int, float)) and math.isfinite(kappa) and kappa >= 1.0):
         raise ValueError(f"kappa must be a finite number ≥ 1 (below 1 pure noise passes the threshold), got {kappa!r}")
     if empty_policy not in EMPTY_POLICIES:
@@ -496,7 +521,8 @@ def _drop_nonfinite(mats, rows: Tensor, info: "DenoiseInfo") -> Tensor:
 
 
 def _denoise_rows(mats, noise_std, *, kappa: float, norm_correction: bool, empty_policy: str,
-                  fast: bool, test_iters: int, margin: float, gen: torch.Generator | None):
+                  fast: bool, test_iters: int, margin: float, gen: torch.Generator | None,
+                  shrinker: str = "optimal"):
     """Core of the batched denoiser. ``mats``: same-shape float32 matrices N × M with N ≥ M (callers
     orient), a list of views or a (b, N, M) tensor. Returns (rows, D, info): indices of the matrices
     that change, their new values (len(rows), N, M) and a ``DenoiseInfo``."""
@@ -598,7 +624,7 @@ def _denoise_rows(mats, noise_std, *, kappa: float, norm_correction: bool, empty
     D_rows: list[Tensor] = []
     if rows:
         Yr = _stack(mats, rows)
-        D = _rebuild(Yr, rows, kept, kept_svd, s, N, M)
+        D = _rebuild(Yr, rows, kept, kept_svd, s, N, M, shrinker)
         if norm_correction:
             nY = torch.linalg.vector_norm(Yr.flatten(1), dim=1)
             nD = torch.linalg.vector_norm(D.flatten(1), dim=1)
@@ -627,7 +653,7 @@ def _denoise_rows(mats, noise_std, *, kappa: float, norm_correction: bool, empty
     return rows_t, D_out, info
 
 
-def _rebuild(Yr, rows, kept, kept_svd, s, N, M) -> Tensor:
+def _rebuild(Yr, rows, kept, kept_svd, s, N, M, shrinker: str = "optimal") -> Tensor:
     """D = Σ_kept η_i u_i v_iᵀ for each row, padded to a common rank so it runs as one batch. Rows
     from the eigendecomposition have no U: u_i = Y v_i/σ_i, so D = (Y V) diag(η/σ) Vᵀ."""
     dev = Yr.device
@@ -647,7 +673,7 @@ def _rebuild(Yr, rows, kept, kept_svd, s, N, M) -> Tensor:
             L[j, :, : sg.numel()] = u
             from_svd[j] = True
         sig[j, : sg.numel()] = sg.double()
-    eta = _shrink_rows(sig, s[rows].to(dev), N, M)  # 0 on the padding (σ = 0 is below any edge)
+    eta = _shrink_rows(sig, s[rows].to(dev), N, M, shrinker)  # 0 on the padding (σ = 0 is below any edge)
     fs = from_svd.to(dev)[:, None]
     coef = torch.where(fs, eta, torch.where(sig > 0, eta / sig.clamp_min(1e-300), torch.zeros_like(eta)))
     if not bool(from_svd.all()):
@@ -657,7 +683,7 @@ def _rebuild(Yr, rows, kept, kept_svd, s, N, M) -> Tensor:
 
 def denoise_batch(grads: Tensor, noise_std, kappa: float = 1.02, norm_correction: bool = True, *,
                   empty_policy: str = "keep", fast: bool = True, test_iters: int = 20, margin: float = 0.01,
-                  generator: torch.Generator | None = None) -> tuple[Tensor, DenoiseInfo]:
+                  generator: torch.Generator | None = None, shrinker: str = "optimal") -> tuple[Tensor, DenoiseInfo]:
     """Denoise a batch of same-shape gradient matrices ``grads`` (b, n, m) whose entries carry
     i.i.d. Gaussian noise of known per-matrix std ``noise_std`` (a float or b floats).
 
@@ -665,7 +691,7 @@ def denoise_batch(grads: Tensor, noise_std, kappa: float = 1.02, norm_correction
     ``fast=False`` is the full-SVD reference; ``fast=True`` the Lanczos test + truncated path
     (module docstring). Post-processing only: nothing but the noised matrices and public numbers
     (s, κ, shapes) is used."""
-    _check_args(kappa, empty_policy, test_iters, margin)
+    _check_args(kappa, empty_policy, test_iters, margin, shrinker)
     if grads.dim() != 3:
         raise ValueError(f"grads must be (batch, n, m), got shape {tuple(grads.shape)}")
     flip = grads.shape[1] < grads.shape[2]
@@ -673,7 +699,7 @@ def denoise_batch(grads: Tensor, noise_std, kappa: float = 1.02, norm_correction
     Y = Y.mT if flip else Y
     rows, D, info = _denoise_rows(Y, noise_std, kappa=kappa, norm_correction=norm_correction,
                                   empty_policy=empty_policy, fast=fast, test_iters=test_iters, margin=margin,
-                                  gen=generator)
+                                  gen=generator, shrinker=shrinker)
     out = grads.clone()
     if len(rows):
         out[rows.to(grads.device)] = (D.mT if flip else D).to(grads.dtype)
@@ -682,7 +708,7 @@ def denoise_batch(grads: Tensor, noise_std, kappa: float = 1.02, norm_correction
 
 def denoise_matrix(grad: Tensor, noise_std: float, kappa: float = 1.02, norm_correction: bool = True, *,
                    empty_policy: str = "keep", fast: bool = False, test_iters: int = 20, margin: float = 0.01,
-                   generator: torch.Generator | None = None) -> Tensor:
+                   generator: torch.Generator | None = None, shrinker: str = "optimal") -> Tensor:
     """Denoise one noised gradient matrix ``grad`` (n × m) whose noise has per-entry std
     ``noise_std`` exactly (s = σC/B for the engine's mean gradient; never an estimate from data).
 
@@ -692,13 +718,13 @@ def denoise_matrix(grad: Tensor, noise_std: float, kappa: float = 1.02, norm_cor
     ``fast=False`` (default) is the full-SVD reference; ``fast=True`` the fast exact path."""
     if grad.dim() != 2:
         raise ValueError(f"grad must be a matrix, got shape {tuple(grad.shape)}")
-    _check_args(kappa, empty_policy, test_iters, margin)
+    _check_args(kappa, empty_policy, test_iters, margin, shrinker)
     flip = grad.shape[0] < grad.shape[1]
     Y = grad.float()
     Y = (Y.mT if flip else Y)[None]
     rows, D, _ = _denoise_rows(Y, [float(noise_std)], kappa=kappa, norm_correction=norm_correction,
                                empty_policy=empty_policy, fast=fast, test_iters=test_iters, margin=margin,
-                               gen=generator)
+                               gen=generator, shrinker=shrinker)
     if not len(rows):
         return grad
     d = D[0].mT if flip else D[0]
@@ -742,6 +768,7 @@ class Denoise(Method):
         self.include_head = cfg_bool(m, "include_head", True)
         self.fast = cfg_bool(m, "fast", True)
         self.empty_policy = str(m.get("empty_policy", "keep"))
+        self.shrinker = str(m.get("shrinker", "optimal"))
         self.test_iters = int(cfg_number(m, "test_iters", 20))
         self.margin = cfg_number(m, "test_margin", 0.01)
         stop = m.get("stop_after", None)
@@ -749,7 +776,7 @@ class Denoise(Method):
             raise DpftError(f"method.stop_after must be null or an integer ≥ 0, got {stop!r}")
         self.stop_after = stop
         try:
-            _check_args(self.kappa, self.empty_policy, self.test_iters, self.margin)
+            _check_args(self.kappa, self.empty_policy, self.test_iters, self.margin, self.shrinker)
         except ValueError as e:
             raise DpftError(f"method.{e}") from None
         self.seed = int(cfg.get("seed", 0) or 0)
@@ -766,9 +793,9 @@ class Denoise(Method):
         if not self.targets:
             raise DpftError("method=denoise found no trainable linear weight matrix to denoise"
                             + ("" if self.include_head else " (method.include_head=false)"))
-        log.info("denoise: %d linear weight matrices (%d in the head%s), κ=%.3g, norm correction %s",
+        log.info("denoise: %d linear weight matrices (%d in the head%s), κ=%.3g, shrinker %s, norm correction %s",
                  len(self.targets), len(head & set(self.targets)),
-                 "" if self.include_head else ", head excluded", self.kappa,
+                 "" if self.include_head else ", head excluded", self.kappa, self.shrinker,
                  "on" if self.norm_correction else "off")
 
     def _gen(self, device: torch.device) -> torch.Generator:
@@ -806,7 +833,7 @@ class Denoise(Method):
             rows, D, info = _denoise_rows(mats, [noise_std[n] for n in names], kappa=self.kappa,
                                           norm_correction=self.norm_correction, empty_policy=self.empty_policy,
                                           fast=self.fast, test_iters=self.test_iters, margin=self.margin,
-                                          gen=self._gen(mats[0].device))
+                                          gen=self._gen(mats[0].device), shrinker=self.shrinker)
             for j, i in enumerate(rows.tolist()):
                 n = names[i]
                 d = D[j].mT if grads[n].shape[0] < grads[n].shape[1] else D[j]

@@ -4,8 +4,13 @@ Paper: Mulrooney et al., "Memory-Efficient Differentially Private Training with 
 Projection" (arXiv 2506.15588). Notes: /work/shared/papers/grape.md and algorithms-detail.md §5.
 
 **Provenance.** Only the paper's abstract could be read. The algorithm below follows the
-authors' released code (commit d816877, tagged [C] in the notes) except where marked [R]
-(reconstructed by dpft) or where an option exposes something the sources leave open ([U]).
+authors' released code, github saharsamr/StructuredVSRandomizedDP at commit d816877 (the
+author's initial commit), marked [C] = [P] read in the code; files read for this docstring:
+``dpgrape/dpgrape/rand_projector_dp.py`` (Gaussian P, std 1/rank, projected side),
+``dpgrape/dpgrape/privacy/optimizergrape.py`` (noise std σC on the projected clipped sum),
+``roberta_finetuning/roberta_finetuning_dpgrape.sh`` and ``roberta_finetuning_dpadam.sh``
+(constant lr schedule for both). Elsewhere [R] = reconstructed by dpft, [U] = an option exposes
+something the sources leave open, [N] = from the project's notes, not re-read.
 
 Algorithm. For every projected weight W ∈ ℝ^{m×n} (out × in) of an ``nn.Linear``:
 
@@ -17,9 +22,13 @@ Algorithm. For every projected weight W ∈ ℝ^{m×n} (out × in) of an ``nn.Li
   transposed). Every ``refresh`` optimizer steps each layer gets a new seed [C: a fresh seed from
   the global RNG; R: dpft derives it from (seed, period, layer index) by numpy's SeedSequence so a
   resumed run regenerates the same P]. ``proj_std: 1/sqrt_r`` [R] gives E[PᵀP] = I (the
-  back-projected gradient is unbiased); since Adam's normalised update is invariant to the scale
-  of its input and ΔW = U·P is linear in it, this is exactly the code's method with lr·√r
-  (up to Adam's ε), i.e. it only removes the r-dependence of the effective step size.
+  back-projected gradient is unbiased). It is an ablation, *not* the code's method with another
+  lr: P is applied before clipping, and the flat clip acts on the concatenation of the projected
+  Ĝ_i and the unprojected gradients (embeddings, LayerNorm, biases, head), with noise σC not
+  rescaled. Scaling P by √r scales the projected part of every per-sample vector by √r, so the
+  projected layers' share of each example's clipping budget and their signal-to-noise ratio
+  against σC change (by √r, 4× at r = 16) relative to the unprojected ones. Only with every
+  trainable parameter projected and no clipping active would it reduce to an lr change.
 * **Per-sample projection inside the backward hook** [R memory-lean form of the code's]. A custom
   Opacus grad sampler (registered for ``ProjectedLinear``, the projected layers' class) computes,
   from activations A_i [T×n] and output gradients Δ_i [T×m] of example i,
@@ -28,7 +37,7 @@ Algorithm. For every projected weight W ∈ ℝ^{m×n} (out × in) of an ``nn.Li
   Biases and every parameter outside projected layers get ordinary per-sample gradients.
   Autograd still forms the ordinary (summed, not per-sample) m × n gradient of W.
   Both engine paths are supported and give the same clipped sum (tested):
-  ``engine.grad_sample_mode=hooks`` keeps every Ĝ_i until clipping (the paper's scheme);
+  ``engine.grad_sample_mode=hooks`` keeps every Ĝ_i until clipping (the code's scheme [C]);
   ``ghost`` (dpft's default) [R] lets Opacus' fast-gradient-clipping hooks reduce each layer's Ĝ_i
   to its per-sample norm at once (embeddings, LayerNorm: ghost norms), then a second backward of
   Σ_i w_i·loss_i gives Σ_i w_i G_i, projected as (Σ_i w_i G_i)·Pᵀ = Σ_i w_i Ĝ_i (``space_map``);
@@ -48,7 +57,9 @@ Algorithm. For every projected weight W ∈ ℝ^{m×n} (out × in) of an ``nn.Li
   projected shape; U = m̂/(√v̂ + ε) is mapped back (ΔW = U·P or P·U) with the *same* P as the
   step's backward pass, W ← W − η·ΔW. Moments are not reset when P is refreshed (the step count
   continues; ``reset_moments: true`` is GaLore's alternative). Decoupled weight decay (0 in every
-  script of the code) is applied in the full space. Requires ``optim=adamw``.
+  script of the code) is applied in the full space. Requires ``optim=adamw``. The code's RoBERTa
+  scripts use a constant lr schedule for DP-GRAPE and DP-Adam alike [C]; dpft's default is linear
+  decay (``train.lr_schedule``), so ``dpft sweep grape`` sets ``train.lr_schedule=constant``.
 
 Privacy. P depends only on (seed, step, layer), never on data, and is applied *before* clipping,
 so each example's clipped projected vector has norm ≤ C whatever P's entries (sensitivity C,

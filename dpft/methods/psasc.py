@@ -5,10 +5,11 @@ Papers: Huang et al., "Enhancing DP-SGD through Non-monotonous Adaptive Scaling 
 (DP-PSASC, arXiv 2411.03059); Xia et al., "Differentially Private Learning with Per-Sample Adaptive
 Clipping" (DP-PSAC, AAAI 2023). Notes: /work/shared/papers/psasc.md and algorithms-detail.md §3.
 
-**Provenance.** The paper's algorithm box was not available to us. Everything below except the
-PSAC weight (s = 1) is *[R] reconstructed* from algorithms-detail.md §3, not verified against the
-paper; the paper's hyperparameter defaults are unknown ([U]) and the config values are starting
-points, not the paper's.
+**Provenance** (tags: [P] read in the paper, [R] reconstructed, [U] unknown, [N] second-hand).
+The paper's algorithm box was not available to us. Everything below except the PSAC weight
+(s = 1, [N]: a third-party port quoting Xia et al., via algorithms-detail.md §3) is *[R]
+reconstructed* from algorithms-detail.md §3, not verified against the paper; the paper's
+hyperparameter defaults are [U] and the config values are starting points, not the paper's.
 
 Per-sample rule (x = ‖g_i‖, the flat L2 norm over all trainable parameters)::
 
@@ -44,7 +45,17 @@ privatised G̃_t and the public step counter, so it costs no privacy. psasc.md p
 EMA with γ on the old buffer; we follow algorithms-detail §3. If the paper's estimator is
 STORM-like (per-sample differences at θ_t and θ_{t−1}) it is a different mechanism with
 sensitivity up to (2 − γ)C/s and is deliberately NOT implemented here. The optimizer
-(``optim``) still runs on top of v_t; the paper's update is plain SGD (``optim=sgd``).
+(``optim``) still runs on top of v_t; whether the paper's update is plain SGD is [U] (no source
+we could read says so).
+
+What s does (exact algebra, not a claim about the paper). With ``r_term: norm``,
+w_s,r(x) = C/(s·x + r/(x + r)) = (1/s)·C/(x + (r/s)/(x + r)) and the noise σC/s carries the same
+1/s, so the privatised gradient of (s, r) is 1/s times that of (1, r/s) (up to the r-term's inner
+x + r vs x + r/s). Under a scale-invariant optimizer (Adam/AdamW, up to its ε) the 1/s cancels and
+s only rescales r; once x ≫ √(r/s) the weight is ≈ C/(s·x), i.e. DP-SGD with every example
+clipped, whatever s. Under SGD at a fixed lr the 1/s survives as a step-size factor (on signal
+and noise alike) and the knee r/s moves. ``dpft sweep psasc`` runs both; docs/fidelity.md has the
+measured per-sample norms (2–4 for MiniLM on SST-2, so at C = 0.1 the AdamW rows coincide).
 
 Diagnostics. ``diagnostics()`` returns quantiles (p10/p50/p90) of the per-sample norms and
 weights that ``clip_factors`` saw in the last step, and the largest contribution as a fraction of
