@@ -86,7 +86,8 @@ def _fake_metrics(job, metric: str) -> list[dict]:
     slope, every = 0.01 + (h % 7) * 0.004, int(job.config["train"]["eval_every"])
     recs = []
     for step in range(1, 21):
-        rec = {"step": step, "train/loss": 0.6, "train/improvement": (h % 5 - 1) * 1e-3}
+        rec = {"step": step, "train/loss": 0.6, "train/improvement": (h % 5 - 1) * 1e-3,
+               "method/layers_denoised": float(h % 3)}
         if step % every == 0:
             rec[metric] = round(0.5 + slope * step, 3) if metric == "eval/accuracy" else round(5 + 40 * slope * step, 2)
         recs.append(rec)

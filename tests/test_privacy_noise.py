@@ -336,3 +336,23 @@ def test_reports_say_when_epsilon_is_a_simulation():
     assert privacy_note([run("seeded", private=False)]) is None  # a non-private baseline claims no ε
     old = SimpleNamespace(job=SimpleNamespace(config={"method": {"private": True}, "privacy": {}}))
     assert "public seed" in privacy_note([old])
+
+
+def test_every_shipped_sweep_states_its_noise_mode_and_why():
+    """A sweep's ε means something different in each mode: each sweep sets privacy.noise itself and
+    its header says why (README "Threat model and noise modes")."""
+    import yaml
+
+    from dpft.engine.noise import MODES
+    from dpft.sweep import PACKAGE_SWEEPS
+
+    files = sorted(Path(PACKAGE_SWEEPS).glob("*.yaml"))
+    assert len(files) >= 9
+    for f in files:
+        text = f.read_text()
+        header = "".join(line for line in text.splitlines(True) if line.startswith("#"))
+        body = yaml.safe_load(text)
+        sets = [o for o in body.get("overrides", []) if str(o).startswith("privacy.noise=")]
+        assert len(sets) == 1, f"{f.name}: overrides must set privacy.noise once"
+        assert sets[0].split("=", 1)[1] in MODES, f.name
+        assert "privacy.noise" in header, f"{f.name}: the header must say why this noise mode"
