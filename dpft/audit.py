@@ -378,11 +378,13 @@ def run_audit(spec, canaries: int, length: int, confidence: float, score: str = 
 
 
 def rich_table(res: AuditResult):
+    from rich.markup import escape
     from rich.table import Table
 
     r = res.result
     fmt = lambda v: "∞" if v == float("inf") or v == "inf" else f"{v:.3f}"  # noqa: E731
-    table = Table(title=f"dpft audit: {r['slug']}  [{r['run_id']}]", show_header=False, title_justify="left")
+    # escape: rich reads "[a692c970dac7]" as a markup tag and prints nothing
+    table = Table(title=escape(f"dpft audit: {r['slug']}  [{r['run_id']}]"), show_header=False, title_justify="left")
     if r.get("unsafe_broken_mechanism"):
         table.add_row("[bold red]UNSAFE[/]", f"[bold red]mechanism deliberately broken: {r['unsafe_broken_mechanism']}[/]")
     table.add_row("claimed ε (δ)", f"{fmt(r['claimed_epsilon'])}  (δ={r['delta']:.3g}, σ={r['sigma']:.4g}, "

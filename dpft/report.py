@@ -1077,6 +1077,10 @@ def _curve_frame(rep: Report, runs: list[RunData], key: str, evals_only: bool, s
     return pd.DataFrame(rows, columns=["panel", "hue", "step", "value"])
 
 
+# print resolution for a paper figure (the PDF beside each PNG is vector)
+PLOT_DPI = 200
+
+
 def plot_curves(rep: Report, runs: list[RunData], out_dir: Path) -> list[Path]:
     import matplotlib
     from matplotlib.figure import Figure
@@ -1135,7 +1139,7 @@ def plot_curves(rep: Report, runs: list[RunData], out_dir: Path) -> list[Path]:
                 caption = "\n".join(textwrap.fill(line, width=int(48 * ncols)) for line in claims_summary(rep))
                 fig.supxlabel(caption, fontsize=7, ha="left", x=0.01, multialignment="left")
             base = out_dir / f"{spec.name}-{kind}"
-            fig.savefig(base.with_suffix(".png"), dpi=110, metadata={"Software": None})
+            fig.savefig(base.with_suffix(".png"), dpi=PLOT_DPI, metadata={"Software": None})
             fig.savefig(base.with_suffix(".pdf"), metadata={"CreationDate": None, "ModDate": None, "Producer": None,
                                                              "Creator": None})
             written += [base.with_suffix(".png"), base.with_suffix(".pdf")]

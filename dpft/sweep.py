@@ -376,6 +376,12 @@ def run_alive(path: Path) -> bool:
 
     from dpft import store
 
+    # the run-directory lock (dpft/store.py) is exact: the kernel drops it whatever way its owner died
+    if store.lock_owner(Path(path)) is not None:
+        return True
+    if store.lock_path(Path(path)).exists():
+        return False
+    # runs from before the lock, or whose lock file was removed: the pid, else the staleness guess
     meta = store.read_json(Path(path) / "meta.json") or {}
     pid, host = meta.get("pid"), meta.get("host")
     if host == socket.gethostname() and isinstance(pid, int):

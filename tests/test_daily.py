@@ -497,3 +497,19 @@ def test_library_progress_bars_stay_out_of_pipes():
     out = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "Loading weights" not in out.stderr and "it/s" not in out.stderr and "\r" not in out.stderr, out.stderr
+
+
+def test_sweep_job_state_reads_the_run_lock(tmp_path):
+    """A sweep tells a live run from a dead one by its lock, not by the pid in meta.json (which a
+    resumed or re-launched job, or another host, makes stale)."""
+    from dpft import store
+    from dpft.sweep import job_state
+
+    run = store.run_dir(tmp_path, "abc123")
+    run.mkdir(parents=True)
+    store.atomic_write_json(run / "meta.json", {"status": "running", "pid": 2**22 + 12345, "host": "elsewhere"})
+    with store.RunLock(run).acquire():
+        assert job_state(tmp_path, "abc123") == "running"
+    # released (or its owner killed: the kernel drops a flock) with the lock file left behind
+    store.lock_path(run).write_text("{}")
+    assert job_state(tmp_path, "abc123") == "stale"

@@ -121,6 +121,10 @@ def test_same_inputs_give_byte_identical_files(tmp_path):
     _render(tmp_path / "outputs", tmp_path / "b")
     for f in a.files:
         assert f.read_bytes() == (tmp_path / "b" / f.name).read_bytes(), f.name
+    from PIL import Image
+
+    with Image.open(tmp_path / "a" / "fixture-metric.png") as png:  # paper-ready, not screen-sized
+        assert min(png.info["dpi"]) >= 199.5
     pdf = (tmp_path / "a" / "fixture-metric.pdf").read_bytes()
     assert b"CreationDate" not in pdf
 
