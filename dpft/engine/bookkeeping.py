@@ -103,45 +103,71 @@ def _mask_rows(x: Tensor, keep: Tensor) -> Tensor:
     return torch.where(keep.view(-1, *([1] * (x.dim() - 1))), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
-def linear_norms(A: Tensor, B: Tensor, weight: bool, bias: bool) -> dict[str, tuple[Tensor, Tensor]]:
+class GramCache:
+    """Float64 Gram matrices X·Xᵀ [b, T, T] of tensors seen in this backward, by storage: Q, K and V read
+    the same activations, word/position/type embeddings get the same output gradient. Each entry holds its
+    tensor, so no other tensor can take its address while cached; `clear` after each micro-batch."""
+
+    def __init__(self):
+        self._d: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+    def gram(self, x: Tensor) -> Tensor:
+        key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype)
+        hit = self._d.get(key)
+        if hit is None:
+            x64 = x.double()
+            hit = self._d[key] = (x, torch.bmm(x64, x64.transpose(1, 2)))
+        return hit[1]
+
+    def clear(self) -> None:
+        self._d.clear()
+
+
+def _token_norms(x: Tensor) -> Tensor:
+    """Upper bounds on the per-token norms ‖x_t‖ [b, T] (fp32 norm of d terms, times 1 + γ_{d+3})."""
+    return x.norm(dim=-1).double() * (1.0 + gamma(x.shape[-1] + 3, 2.0 ** -24))
+
+
+def linear_norms(A: Tensor, B: Tensor, weight: bool, bias: bool, cache: GramCache) -> dict[str, tuple[Tensor, Tensor]]:
     """{"weight"/"bias": (n̂ [b] float64, bound [b] float64)} for a Linear layer: n̂ the per-sample gradient
-    norm from the stored A [b, (T,) d_in] and B [b, (T,) d_out] in float64, bound ≥ |n − n̂| + ‖e_i‖ (module
-    docstring), e_i the fp32 contraction's error over this layer's b·T rows. Per layer the cheaper of the
-    Gram form (b·T²·(d_in+d_out)) and the instantiated per-sample gradient (b·T·d_in·d_out) is used."""
+    norm of the stored fp32 A [b, (T,) d_in] and B [b, (T,) d_out] from float64 Gram matrices (products of
+    fp32 numbers are exact in float64), bound ≥ |n − n̂| + ‖e_i‖ (module docstring), e_i the fp32
+    contraction's error over this layer's b·T rows."""
     out = {}
-    A64, B64 = A.double(), B.double()
     if B.dim() == 2:
-        A64, B64 = A64.unsqueeze(1), B64.unsqueeze(1)
-    b, t, d_out = B64.shape
-    d_in = A64.shape[-1]
-    bn = B64.norm(dim=-1)  # [b, T]
+        A, B = A.unsqueeze(1), B.unsqueeze(1)
+    b, t, d_out = B.shape
+    d_in = A.shape[-1]
+    bn = _token_norms(B)  # [b, T]
     contraction = gamma(b * t + 2, unit_roundoff(B.device))
     if weight:
-        S = (bn * A64.norm(dim=-1)).sum(1)
-        if t * (d_in + d_out) <= d_in * d_out:  # Gram form, error γ⁶⁴_k·S² on n²
-            ga = torch.einsum("bij,bij->b", B64 @ B64.transpose(1, 2), A64 @ A64.transpose(1, 2)).clamp_min(0)
+        S = (bn * _token_norms(A)).sum(1)
+        if t == 1:  # one token: ‖b aᵀ‖ = ‖b‖‖a‖
+            n = (B.double().squeeze(1).norm(dim=1) * A.double().squeeze(1).norm(dim=1))
+            delta = gamma(d_in + d_out + 4, U64) * S
+        else:  # ‖Σ_t b_t a_tᵀ‖² = Σ_ts (b_t·b_s)(a_t·a_s); error γ⁶⁴_k·S² on n² (k = d_in + d_out + T² + 2)
+            ga = (cache.gram(B) * cache.gram(A)).sum((1, 2)).clamp_min(0)
             n = ga.sqrt()
             delta = (ga + gamma(d_in + d_out + t * t + 2, U64) * S * S).sqrt() - n
-        else:  # instantiated: each entry within γ⁶⁴_T·Σ_t|b||a| of exact, the norm of d terms within γ⁶⁴_d
-            n = torch.einsum("bti,btj->bij", B64, A64).reshape(b, -1).norm(dim=1)
-            delta = gamma(t + 2, U64) * S + gamma(d_in * d_out + 2, U64) * n
         out["weight"] = (n, delta + contraction * S)
     if bias:
         Sb = bn.sum(1)
-        out["bias"] = (B64.sum(1).norm(dim=1), gamma(t + d_out + 2, U64) * Sb + contraction * Sb)
+        out["bias"] = (B.double().sum(1).norm(dim=1), gamma(t + d_out + 2, U64) * Sb + contraction * Sb)
     return out
 
 
-def embedding_norms(layer: nn.Embedding, ids: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
-    """Opacus' Embedding norm (rows summed per (example, id)) in float64, with its bound. Rows at
-    padding_idx are counted in n̂ (an over-estimate: the released sum leaves them out)."""
-    from opacus.grad_sample.embedding_norm_sample import compute_embedding_norm_sample
-
-    n = compute_embedding_norm_sample(layer, [ids], B.double())[layer.weight]
-    bn = B.double().reshape(len(B), -1, B.shape[-1]).norm(dim=-1)
-    Sb, t = bn.sum(1), bn.shape[1]
-    bound = gamma(t + B.shape[-1] + 2, U64) * (Sb + n) + gamma(len(B) * t + 2, unit_roundoff(B.device)) * Sb
-    return n, bound
+def embedding_norms(ids: Tensor, B: Tensor, cache: GramCache) -> tuple[Tensor, Tensor]:
+    """Per-sample norm of an Embedding's gradient, ‖Σ_t e_{id_t} b_tᵀ‖² = Σ_ts [id_t = id_s] (b_t·b_s) from
+    the float64 Gram matrix, with its bound (module docstring). Rows at padding_idx are counted in n̂ (an
+    over-estimate: the released sum leaves them out)."""
+    B = B.reshape(len(B), -1, B.shape[-1])
+    ids = ids.reshape(len(B), -1)
+    t = B.shape[1]
+    Sb = _token_norms(B).sum(1)
+    ga = (cache.gram(B) * (ids.unsqueeze(2) == ids.unsqueeze(1))).sum((1, 2)).clamp_min(0)
+    n = ga.sqrt()
+    delta = (ga + gamma(B.shape[-1] + t * t + 2, U64) * Sb * Sb).sqrt() - n
+    return n, delta + gamma(len(B) * t + 2, unit_roundoff(B.device)) * Sb
 
 
 class ClipHooks(GradSampleHooksFastGradientClipping):
@@ -163,6 +189,7 @@ class ClipHooks(GradSampleHooksFastGradientClipping):
         self.keep, self.hold, self.skip_weight_grads = keep, False, skip_weight_grads
         self.kept: list[tuple[nn.Module, list[Tensor], Tensor]] = []
         self.samples: dict[nn.Parameter, Tensor] = {}
+        self.grams = GramCache()
         self._trainable = {id(p) for p in model.parameters() if p.requires_grad}
         self._modules_seen = [m for m in model.modules()
                               if any(id(p) in self._trainable for p in m.parameters(recurse=False))]
@@ -223,10 +250,10 @@ class ClipHooks(GradSampleHooksFastGradientClipping):
             if type(module) is nn.Linear:
                 want = {"weight": module.weight, "bias": module.bias}
                 norms = linear_norms(activations[0], backprops, *(want[k] is not None and id(want[k]) in self._trainable
-                                                                  for k in ("weight", "bias")))
+                                                                  for k in ("weight", "bias")), self.grams)
                 norms = {want[k]: v for k, v in norms.items()}
             else:
-                norms = {module.weight: embedding_norms(module, activations[0], backprops)} if params else {}
+                norms = {module.weight: embedding_norms(activations[0], backprops, self.grams)} if params else {}
             for param, (n, bound) in norms.items():
                 param._norm_sample, param._norm_bound = n, bound
             if self.keep:
@@ -266,17 +293,22 @@ class ClipHooks(GradSampleHooksFastGradientClipping):
             if n is not None:
                 out[n] = out[n] + value if n in out else value
 
+        everyone = bool(keep.all())
         for module, activations, B in self.kept:
             w = factors.to(B.dtype).view(-1, *([1] * (B.dim() - 1)))
-            wB = _mask_rows(B, keep) * w
+            Bk = B if everyone else _mask_rows(B, keep)
             if isinstance(module, nn.Linear):
-                A = _mask_rows(activations[0], keep)
+                A = activations[0].to(B.dtype)
+                A = A if everyone else _mask_rows(A, keep)
                 if id(module.weight) in names:
-                    add(module.weight, wB.reshape(-1, wB.shape[-1]).T @ A.reshape(-1, A.shape[-1]).to(B.dtype))
-                add(module.bias, wB.reshape(-1, wB.shape[-1]).sum(0))
+                    # Σ_i w_i B_iᵀA_i with w folded into the narrower side (one rounding either way)
+                    lhs, rhs = (Bk, A * w) if A.shape[-1] < B.shape[-1] else (Bk * w, A)
+                    add(module.weight, lhs.reshape(-1, lhs.shape[-1]).T @ rhs.reshape(-1, rhs.shape[-1]))
+                if module.bias is not None and id(module.bias) in names:
+                    add(module.bias, torch.einsum("b,b...d->d", factors.to(B.dtype), Bk))
             else:  # nn.Embedding
                 ids = activations[0].reshape(-1)
-                rows = wB.reshape(-1, wB.shape[-1])
+                rows = (Bk * w).reshape(-1, B.shape[-1])
                 if module.padding_idx is not None:
                     sel = ids != module.padding_idx
                     ids, rows = ids[sel], rows[sel]
@@ -292,6 +324,7 @@ class ClipHooks(GradSampleHooksFastGradientClipping):
         """Drop everything per-sample of the current micro-batch (also after an error mid-step)."""
         self.kept.clear()
         self.samples.clear()
+        self.grams.clear()
         for m in self._modules_seen:
             if getattr(m, "activations", None):
                 m.activations.clear()
