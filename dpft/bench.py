@@ -263,7 +263,7 @@ def bench(cfg, paths: list[str], batch_size: int, length: int, steps: int, warmu
         built = _build_path(base, cfg, path, chunks, batch_size, steps + warmup, device)
         if built is None:
             continue
-        times, extras = [], []
+        times, cpu, extras = [], [], []
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
@@ -274,11 +274,12 @@ def bench(cfg, paths: list[str], batch_size: int, length: int, steps: int, warmu
         try:
             for i in range(warmup + steps):
                 _sync(device)
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 built.step(i)
                 _sync(device)
                 if i >= warmup:
                     times.append(time.perf_counter() - t)
+                    cpu.append(time.process_time() - c)
                     if built.method is not None:
                         extras.append({k: v for k, v in built.method.diagnostics().items() if k.endswith("time_s")})
         finally:
@@ -287,7 +288,9 @@ def bench(cfg, paths: list[str], batch_size: int, length: int, steps: int, warmu
             built.cleanup()
         peak = (torch.cuda.max_memory_allocated(device) - mem0 if device.type == "cuda" else rss.peak - rss.base)
         median = statistics.median(times)
-        res = {"step_s": median, "peak_mem_bytes": int(peak), "steps": steps}
+        # process CPU time (all threads): on a machine shared with other jobs it tracks the work a path
+        # does far better than wall time, which includes time the process waited for a core
+        res = {"step_s": median, "cpu_s": statistics.median(cpu), "peak_mem_bytes": int(peak), "steps": steps}
         for key in sorted({k for e in extras for k in e}):
             val = statistics.median(e.get(key, 0.0) for e in extras)
             res[key] = val
@@ -301,6 +304,7 @@ def bench(cfg, paths: list[str], batch_size: int, length: int, steps: int, warmu
     if ref:
         for r in results.values():
             r["time_ratio"] = r["step_s"] / ref["step_s"]
+            r["cpu_ratio"] = r["cpu_s"] / ref["cpu_s"] if ref["cpu_s"] > 0 else None
             r["mem_ratio"] = r["peak_mem_bytes"] / ref["peak_mem_bytes"] if ref["peak_mem_bytes"] > 0 else None
     return {
         "model": cfg.model.name, "pretrained": bool(cfg.model.pretrained), "peft": cfg.model.get("peft"),

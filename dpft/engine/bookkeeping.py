@@ -104,9 +104,10 @@ def _mask_rows(x: Tensor, keep: Tensor) -> Tensor:
 
 
 class GramCache:
-    """Float64 Gram matrices X·Xᵀ [b, T, T] of tensors seen in this backward, by storage: Q, K and V read
-    the same activations, word/position/type embeddings get the same output gradient. Each entry holds its
-    tensor, so no other tensor can take its address while cached; `clear` after each micro-batch."""
+    """Gram matrices X·Xᵀ [b, T, T] (fp32 products, returned in float64) of tensors seen in this backward,
+    by storage: Q, K and V read the same activations; word/position/type embeddings get the same output
+    gradient. Each entry holds its tensor, so no other tensor can take its address while cached; `clear`
+    after each micro-batch."""
 
     def __init__(self):
         self._d: dict[tuple, tuple[Tensor, Tensor]] = {}
@@ -115,8 +116,7 @@ class GramCache:
         key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype)
         hit = self._d.get(key)
         if hit is None:
-            x64 = x.double()
-            hit = self._d[key] = (x, torch.bmm(x64, x64.transpose(1, 2)))
+            hit = self._d[key] = (x, torch.bmm(x, x.transpose(1, 2)).double())
         return hit[1]
 
     def clear(self) -> None:
@@ -128,11 +128,42 @@ def _token_norms(x: Tensor) -> Tensor:
     return x.norm(dim=-1).double() * (1.0 + gamma(x.shape[-1] + 3, 2.0 ** -24))
 
 
+def _gram_error(d: int, t: int, device) -> float:
+    """Bound on |n̂² − n²| / S² for n² = Σ_ts G_ts·H_ts with G, H fp32 Gram matrices of inner dimension
+    d_G + d_H = d (each entry within γ_{d_G}·‖x_t‖‖x_s‖ of exact, Cauchy–Schwarz) and the T² products
+    summed in float64 (γ⁶⁴_{T²+2}, on terms ≤ (1 + γ_d)·‖b_t‖‖b_s‖‖a_t‖‖a_s‖)."""
+    g32 = gamma(d + 1, unit_roundoff(device))
+    return g32 + gamma(t * t + 2, U64) * (1.0 + g32)
+
+
+def _gram64(x: Tensor) -> Tensor:
+    x = x.double()
+    return torch.bmm(x, x.transpose(1, 2))
+
+
+def _gram_norm(gram32: Tensor, exact64, S: Tensor, d: int, t: int) -> tuple[Tensor, Tensor]:
+    """(n̂, δ) from the product of fp32 Gram matrices `gram32` [b, T, T]; the examples whose bound is loose
+    (δ > 1e-3·n̂: per-token terms that nearly cancel, S ≫ n) are recomputed with float64 Grams
+    (`exact64(index)` -> their [k, T, T] product, error γ⁶⁴_{d+T²+2}·S²), so only those pay for float64."""
+    ga = gram32.sum((1, 2)).clamp_min(0)
+    n = ga.sqrt()
+    delta = (ga + _gram_error(d, t, gram32.device) * S * S).sqrt() - n
+    loose = (delta > 1e-3 * n).nonzero().squeeze(1)
+    if len(loose):
+        g = exact64(loose).sum((1, 2)).clamp_min(0)
+        n[loose] = g.sqrt()
+        delta[loose] = (g + gamma(d + t * t + 2, U64) * S[loose] ** 2).sqrt() - n[loose]
+    return n, delta
+
+
 def linear_norms(A: Tensor, B: Tensor, weight: bool, bias: bool, cache: GramCache) -> dict[str, tuple[Tensor, Tensor]]:
     """{"weight"/"bias": (n̂ [b] float64, bound [b] float64)} for a Linear layer: n̂ the per-sample gradient
-    norm of the stored fp32 A [b, (T,) d_in] and B [b, (T,) d_out] from float64 Gram matrices (products of
-    fp32 numbers are exact in float64), bound ≥ |n − n̂| + ‖e_i‖ (module docstring), e_i the fp32
-    contraction's error over this layer's b·T rows."""
+    norm of the stored fp32 A [b, (T,) d_in] and B [b, (T,) d_out] by the Gram form
+    ‖Σ_t b_t a_tᵀ‖² = Σ_ts (b_t·b_s)(a_t·a_s) (fp32 Gram matrices — the costly products — then the T²
+    products and their sum in float64, where the catastrophic cancellation happens), bound ≥ |n − n̂| + ‖e_i‖
+    (module docstring), e_i the fp32 contraction's error over this layer's b·T rows. With
+    S_i = Σ_t‖b_t‖‖a_t‖ the norm's error is √(n̂² + κ·S²) − n̂ ≈ κ(S/n)²·n/2, κ ≈ (d_in + d_out)·u: a few
+    1e-4 of n for ordinary examples (S/n ≈ 3, benchmarks/ghost_norm_error.py)."""
     out = {}
     if B.dim() == 2:
         A, B = A.unsqueeze(1), B.unsqueeze(1)
@@ -140,33 +171,35 @@ def linear_norms(A: Tensor, B: Tensor, weight: bool, bias: bool, cache: GramCach
     d_in = A.shape[-1]
     bn = _token_norms(B)  # [b, T]
     contraction = gamma(b * t + 2, unit_roundoff(B.device))
+    gb = cache.gram(B) if t > 1 else None
     if weight:
         S = (bn * _token_norms(A)).sum(1)
         if t == 1:  # one token: ‖b aᵀ‖ = ‖b‖‖a‖
-            n = (B.double().squeeze(1).norm(dim=1) * A.double().squeeze(1).norm(dim=1))
+            n = B.double().squeeze(1).norm(dim=1) * A.double().squeeze(1).norm(dim=1)
             delta = gamma(d_in + d_out + 4, U64) * S
-        else:  # ‖Σ_t b_t a_tᵀ‖² = Σ_ts (b_t·b_s)(a_t·a_s); error γ⁶⁴_k·S² on n² (k = d_in + d_out + T² + 2)
-            ga = (cache.gram(B) * cache.gram(A)).sum((1, 2)).clamp_min(0)
-            n = ga.sqrt()
-            delta = (ga + gamma(d_in + d_out + t * t + 2, U64) * S * S).sqrt() - n
+        else:
+            n, delta = _gram_norm(gb * cache.gram(A), lambda i: _gram64(B[i]) * _gram64(A[i]), S, d_in + d_out, t)
         out["weight"] = (n, delta + contraction * S)
     if bias:
         Sb = bn.sum(1)
-        out["bias"] = (B.double().sum(1).norm(dim=1), gamma(t + d_out + 2, U64) * Sb + contraction * Sb)
+        if t == 1:
+            nb, db = B.double().squeeze(1).norm(dim=1), gamma(d_out + 2, U64) * Sb
+        else:  # ‖Σ_t b_t‖² = Σ_ts (b_t·b_s), from the same Gram matrix
+            nb, db = _gram_norm(gb, lambda i: _gram64(B[i]), Sb, d_out, t)
+        out["bias"] = (nb, db + contraction * Sb)
     return out
 
 
 def embedding_norms(ids: Tensor, B: Tensor, cache: GramCache) -> tuple[Tensor, Tensor]:
     """Per-sample norm of an Embedding's gradient, ‖Σ_t e_{id_t} b_tᵀ‖² = Σ_ts [id_t = id_s] (b_t·b_s) from
-    the float64 Gram matrix, with its bound (module docstring). Rows at padding_idx are counted in n̂ (an
+    the Gram matrix (as `linear_norms`), with its bound. Rows at padding_idx are counted in n̂ (an
     over-estimate: the released sum leaves them out)."""
     B = B.reshape(len(B), -1, B.shape[-1])
     ids = ids.reshape(len(B), -1)
     t = B.shape[1]
     Sb = _token_norms(B).sum(1)
-    ga = (cache.gram(B) * (ids.unsqueeze(2) == ids.unsqueeze(1))).sum((1, 2)).clamp_min(0)
-    n = ga.sqrt()
-    delta = (ga + gamma(B.shape[-1] + t * t + 2, U64) * Sb * Sb).sqrt() - n
+    same = ids.unsqueeze(2) == ids.unsqueeze(1)
+    n, delta = _gram_norm(cache.gram(B) * same, lambda i: _gram64(B[i]) * same[i], Sb, B.shape[-1], t)
     return n, delta + gamma(len(B) * t + 2, unit_roundoff(B.device)) * Sb
 
 
