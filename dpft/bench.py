@@ -7,7 +7,9 @@ size above the pre-step baseline, sampled every millisecond from /proc (an appro
 as such in the output). Ratios are to the non-private path. A path is ``nonprivate`` or
 ``<method>-hooks`` / ``<method>-ghost`` / ``<method>-bk`` (book-keeping; ``<method>`` alone = hooks), e.g. ``grape-hooks`` for
 DP-GRAPE's projected per-sample gradients next to ``dpsgd-hooks`` (Opacus DP-Adam) and
-``dpsgd-ghost`` (dpft's default DP path).
+``dpsgd-bk`` (dpft's default DP path). Each path also reports the process CPU time of its steps
+(``cpu_s``, ``cpu_ratio``): on a machine shared with other jobs it tracks a path's work far better
+than wall time (benchmarks/cpu_steps.py measures it with one thread, round-robin).
 
 ``opacus-hooks`` and ``opacus-ghost`` are the comparator: Opacus' own DP-SGD exactly as a user builds
 it (``PrivacyEngine.make_private``; ghost with its ``DPLossFastGradientClipping`` two-backward loss;
@@ -177,7 +179,8 @@ def _build_path(base, cfg, path: str, chunks: list[Batch], batch_size: int, tota
     method = build_method(cfg if name == cfg.method.name else _with_method(cfg, name))
     if not method.private:
         raise DpftError(f"bench path {path}: method {name} is not private")
-    if (mode in ("ghost", "bk") and not method.supports_ghost) or (mode == "ghost" and autocast is not None):
+    half = autocast is not None or cfg.model.get("dtype") in ("bfloat16", "float16")
+    if (mode in ("ghost", "bk") and not method.supports_ghost) or (mode == "ghost" and half):
         return None  # refused in training too (dpft/config.py)
     model = method.prepare_model(model)  # as in training (e.g. grape's projected layers)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}

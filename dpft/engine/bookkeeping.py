@@ -337,8 +337,9 @@ class ClipHooks(GradSampleHooksFastGradientClipping):
                     # Σ_i w_i B_iᵀA_i with w folded into the narrower side (one rounding either way)
                     lhs, rhs = (Bk, A * w) if A.shape[-1] < B.shape[-1] else (Bk * w, A)
                     add(module.weight, lhs.reshape(-1, lhs.shape[-1]).T @ rhs.reshape(-1, rhs.shape[-1]))
-                if module.bias is not None and id(module.bias) in names:
-                    add(module.bias, torch.einsum("b,b...d->d", factors.to(B.dtype), Bk))
+                if module.bias is not None and id(module.bias) in names:  # Σ_{i,t} w_i b_it as one GEMV
+                    rows = Bk.reshape(-1, B.shape[-1])
+                    add(module.bias, w.reshape(-1).repeat_interleave(len(rows) // len(w)) @ rows)
             else:  # nn.Embedding
                 ids = activations[0].reshape(-1)
                 rows = (Bk * w).reshape(-1, B.shape[-1])
