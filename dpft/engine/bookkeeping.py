@@ -28,8 +28,10 @@ backward even with exact norms. The bound used here, per example i and parameter
   released sum is EXACTLY Σ_i w_i (g_i + e_i), g_i = B_iᵀA_i in exact arithmetic of the stored A, B, and
   ‖e_i‖_F ≤ γ_{n+1} ‖Σ_t |b_t||a_t|ᵀ‖_F ≤ γ_{n+1} S_i,  S_i = Σ_t ‖b_t‖‖a_t‖  (bias: Σ_t ‖b_t‖; Embedding
   rows: Σ_t ‖b_t‖; a materialised per-sample gradient G_i summed with an einsum over b: γ_{b+1}‖Ĝ_i‖).
-  The norm n_i = ‖g_i‖ is computed in float64 from the same stored values; its own error is bounded the
-  same way with u = 2⁻⁵³ (Gram form: n̂² within γ⁶⁴_{d_in+d_out+T²+1}·S², so n ≤ √(n̂² + that)).
+  The norm n_i = ‖g_i‖ is computed from the same stored values by the Gram form Σ_ts (b_t·b_s)(a_t·a_s):
+  the Gram matrices in fp32 (each entry within γ_d·‖x_t‖‖x_s‖), their T² products and sum in float64, so
+  n̂² is within κ·S², κ = γ_{d_in+d_out+1} + γ⁶⁴_{T²+2}(1 + γ), and n ≤ √(n̂² + κS²) (`_gram_error`); an
+  example for which that is loose (> 1e-3·n̂: cancelling tokens) is recomputed with float64 Grams.
 
 So ‖w_i (g_i + e_i)‖ ≤ w_i·√Σ_p (n_ip + δ_ip + E_ip)², δ the norm's error bound, E the contraction's. The
 engine (step.py, `bounded_sq_norms`) hands the method these *inflated* per-parameter norms, inflated once
@@ -40,7 +42,7 @@ released contribution is ≤ sensitivity: exactly, on every machine, thread coun
 conventional O(n³) products are assumed — no Strassen — with u taken from torch's fp32 matmul precision:
 2⁻²⁴ at "highest", 2⁻⁸ otherwise, which covers TF32 and bf16 inner products).
 
-Cost: the inflation is γ_{n+1}·S_i/n_i relative, ≈ 1e-4 for ordinary examples at B·T = 4096 rows
+Cost: the inflation is ≈ γ_{n+1}·S_i/n_i + κ(S_i/n_i)²/2 relative, a few 1e-4 for ordinary examples
 (S/n ≈ 3 on MiniLM, benchmarks/ghost_norm_error.py) — the clipped gradient moves by that, not by a
 percent; only an example whose token terms cancel is shrunk materially (as it must be). Computing S_i
 is one pass over A and B (docs/benchmarks.md, section 9).
