@@ -7,7 +7,9 @@ size above the pre-step baseline, sampled every millisecond from /proc (an appro
 as such in the output). Ratios are to the non-private path. A path is ``nonprivate`` or
 ``<method>-hooks`` / ``<method>-ghost`` / ``<method>-bk`` (book-keeping; ``<method>`` alone = hooks), e.g. ``grape-hooks`` for
 DP-GRAPE's projected per-sample gradients next to ``dpsgd-hooks`` (Opacus DP-Adam) and
-``dpsgd-ghost`` (dpft's default DP path).
+``dpsgd-bk`` (dpft's default DP path). Each path also reports the process CPU time of its steps
+(``cpu_s``, ``cpu_ratio``): on a machine shared with other jobs it tracks a path's work far better
+than wall time (benchmarks/cpu_steps.py measures it with one thread, round-robin).
 
 ``opacus-hooks`` and ``opacus-ghost`` are the comparator: Opacus' own DP-SGD exactly as a user builds
 it (``PrivacyEngine.make_private``; ghost with its ``DPLossFastGradientClipping`` two-backward loss;
@@ -177,7 +179,8 @@ def _build_path(base, cfg, path: str, chunks: list[Batch], batch_size: int, tota
     method = build_method(cfg if name == cfg.method.name else _with_method(cfg, name))
     if not method.private:
         raise DpftError(f"bench path {path}: method {name} is not private")
-    if (mode in ("ghost", "bk") and not method.supports_ghost) or (mode == "ghost" and autocast is not None):
+    half = autocast is not None or cfg.model.get("dtype") in ("bfloat16", "float16")
+    if (mode in ("ghost", "bk") and not method.supports_ghost) or (mode == "ghost" and half):
         return None  # refused in training too (dpft/config.py)
     model = method.prepare_model(model)  # as in training (e.g. grape's projected layers)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -185,11 +188,14 @@ def _build_path(base, cfg, path: str, chunks: list[Batch], batch_size: int, tota
                                               expected_batch_size=float(batch_size), steps=total_steps, delta=1e-5))
     hooks = attach_hooks(model, mode, float(cfg.privacy.clip_norm))
     optimizer = method.build_optimizer(params, cfg.optim)
-    gen = torch.Generator(device=device).manual_seed(0)
+    # the configured privacy.noise: the default secure mode's float guard is part of the step's cost
+    from dpft.engine.noise import NoiseSource
+
+    noise = NoiseSource.create(str(cfg.privacy.get("noise", "secure")), int(cfg.seed), "bench")
 
     def step(i: int) -> None:
         dp_step(model=model, chunks=chunks, method=method, params=params, optimizer=optimizer,
-                noise_generator=gen, mode=mode, hooks=hooks, step=i + 1, alignment=False)
+                noise_generator=noise.for_step(i + 1), mode=mode, hooks=hooks, step=i + 1, alignment=False)
 
     return _Path(model, step, method=method, cleanup=hooks.cleanup)
 
@@ -263,7 +269,7 @@ def bench(cfg, paths: list[str], batch_size: int, length: int, steps: int, warmu
         built = _build_path(base, cfg, path, chunks, batch_size, steps + warmup, device)
         if built is None:
             continue
-        times, extras = [], []
+        times, cpu, extras = [], [], []
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
@@ -274,11 +280,12 @@ def bench(cfg, paths: list[str], batch_size: int, length: int, steps: int, warmu
         try:
             for i in range(warmup + steps):
                 _sync(device)
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 built.step(i)
                 _sync(device)
                 if i >= warmup:
                     times.append(time.perf_counter() - t)
+                    cpu.append(time.process_time() - c)
                     if built.method is not None:
                         extras.append({k: v for k, v in built.method.diagnostics().items() if k.endswith("time_s")})
         finally:
@@ -287,7 +294,9 @@ def bench(cfg, paths: list[str], batch_size: int, length: int, steps: int, warmu
             built.cleanup()
         peak = (torch.cuda.max_memory_allocated(device) - mem0 if device.type == "cuda" else rss.peak - rss.base)
         median = statistics.median(times)
-        res = {"step_s": median, "peak_mem_bytes": int(peak), "steps": steps}
+        # process CPU time (all threads): on a machine shared with other jobs it tracks the work a path
+        # does far better than wall time, which includes time the process waited for a core
+        res = {"step_s": median, "cpu_s": statistics.median(cpu), "peak_mem_bytes": int(peak), "steps": steps}
         for key in sorted({k for e in extras for k in e}):
             val = statistics.median(e.get(key, 0.0) for e in extras)
             res[key] = val
@@ -301,6 +310,7 @@ def bench(cfg, paths: list[str], batch_size: int, length: int, steps: int, warmu
     if ref:
         for r in results.values():
             r["time_ratio"] = r["step_s"] / ref["step_s"]
+            r["cpu_ratio"] = r["cpu_s"] / ref["cpu_s"] if ref["cpu_s"] > 0 else None
             r["mem_ratio"] = r["peak_mem_bytes"] / ref["peak_mem_bytes"] if ref["peak_mem_bytes"] > 0 else None
     return {
         "model": cfg.model.name, "pretrained": bool(cfg.model.pretrained), "peft": cfg.model.get("peft"),

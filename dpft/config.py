@@ -190,9 +190,15 @@ def validate(cfg: DictConfig) -> None:
             )
         if cfg.engine.grad_sample_mode not in GRAD_SAMPLE_MODES:
             raise DpftError(f"engine.grad_sample_mode must be hooks, ghost or bk, got {cfg.engine.grad_sample_mode!r}")
-        if cfg.engine.get("autocast") == "bf16" and cfg.engine.grad_sample_mode == "ghost":
-            raise DpftError("engine.autocast=bf16 needs engine.grad_sample_mode=bk or hooks: ghost clipping's second "
-                            "backward recomputes the gradients in bf16, so its clip factors would not be exact")
+        # half precision with ghost clipping: the second backward recomputes every example's gradient
+        # in half precision, so the first backward's norms do not bound it (bk and hooks sum the very
+        # values whose norms were taken, in fp32: exact; dpft/engine/bookkeeping.py)
+        half = ("engine.autocast=bf16" if cfg.engine.get("autocast") == "bf16" else
+                f"model.dtype={OmegaConf.select(cfg, 'model.dtype')}"
+                if OmegaConf.select(cfg, "model.dtype") in ("bfloat16", "float16") else None)
+        if half and cfg.engine.grad_sample_mode == "ghost":
+            raise DpftError(f"{half} needs engine.grad_sample_mode=bk or hooks: ghost clipping's second "
+                            "backward recomputes the gradients in half precision, so its clip factors would not be exact")
     if cfg.engine.get("autocast") not in (None, "bf16"):
         raise DpftError(f"engine.autocast must be null or bf16, got {cfg.engine.get('autocast')!r}")
     for key in ("train.steps", "train.batch_size", "train.eval_every", "runtime.physical_batch_size"):

@@ -69,7 +69,18 @@ def _cos(dot: float, na: float, nb: float) -> float:
     return dot / (na * nb) ** 0.5 if na > 0 and nb > 0 else float("nan")
 
 
-def _clipped_sum_hooks(model, batch, method, params, clipped) -> tuple[Tensor, Tensor, Tensor]:
+def _finite_losses(losses: Tensor) -> Tensor:
+    return torch.isfinite(losses.detach())
+
+
+def _zero_out(factors: Tensor, keep: Tensor) -> Tensor:
+    """Factor 0 for the examples not kept (non-finite): [b] or [P, b] factors."""
+    return torch.where(keep, factors, torch.zeros((), dtype=factors.dtype, device=factors.device))
+
+
+def _clipped_sum_hooks(model, batch, method, params, clipped, n_chunks=1) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Materialised per-sample gradients (Opacus' grad samplers). An example whose loss or per-sample
+    gradient is non-finite gets factor 0 and its rows are masked out of the sum (issue 16.5)."""
     losses = per_sample_loss(model, batch)
     losses.sum().backward()
     grad_samples = [p.grad_sample for p in params.values()]
@@ -77,59 +88,85 @@ def _clipped_sum_hooks(model, batch, method, params, clipped) -> tuple[Tensor, T
         missing = [n for n, p in params.items() if p.grad_sample is None]
         raise DpftError(f"no per-sample gradient for {missing[:3]}: the layer is unused or unsupported")
     sq_norms = torch.stack([g.flatten(1).float().pow(2).sum(1) for g in grad_samples])  # [P, b]
-    factors = method.clip_factors(sq_norms)
+    keep = _finite_losses(losses) & torch.isfinite(sq_norms).all(0)
+    sq_norms = torch.where(keep, sq_norms, torch.zeros((), device=sq_norms.device))
+    factors = _zero_out(method.clip_factors(sq_norms), keep)
     for k, (name, p) in enumerate(params.items()):
         w = factors if factors.dim() == 1 else factors[k]
+        g = p.grad_sample.float()
+        g = torch.where(keep.view(-1, *([1] * (g.dim() - 1))), g, torch.zeros((), device=g.device))
         # fp32, like the norms: under bf16 autocast the bound ‖w_i g_i‖ ≤ C must hold for the very
         # numbers whose norms set w_i, not for a bf16 re-rounding of them
-        clipped[name].add_(torch.einsum("b,b...->...", w.float(), p.grad_sample.float()))
+        clipped[name].add_(torch.einsum("b,b...->...", w.float(), g))
         p.grad_sample = None
         p.grad = None
-    return losses.detach(), sq_norms.sum(0).sqrt(), factors
+    return losses.detach(), sq_norms.sum(0).sqrt(), factors, int((~keep).sum())
 
 
-def _clipped_sum_ghost(model, batch, method, params, clipped, hooks) -> tuple[Tensor, Tensor, Tensor]:
-    """Ghost clipping: per-sample norms from activations and output gradients (no per-sample
-    gradient is materialised for Linear/Embedding), then a second backward of Σ w_i·loss_i."""
-    losses = per_sample_loss(model, batch)
-    losses.sum().backward(retain_graph=True)
-    sq_norms = torch.stack([p._norm_sample.float().pow(2) for p in params.values()])
-    for p in params.values():  # per-sample quantities must not outlive the clipping (post-processing sees none)
-        p._norm_sample = None
+def _factors_bounded(method, params, losses, n_chunks) -> tuple[Tensor, Tensor, Tensor]:
+    """(factors [b], norms [b], keep [b]) from the hooks' norms inflated by their rounding-error bounds
+    (dpft/engine/bookkeeping.py: the released contribution, not just the norm, is ≤ the sensitivity);
+    non-finite examples get factor 0."""
+    from dpft.engine.bookkeeping import bounded_sq_norms
+
+    sq_norms, keep = bounded_sq_norms(params, n_chunks)
+    keep = keep & _finite_losses(losses)
     factors = method.clip_factors(sq_norms)
     if factors.dim() != 1:
         raise DpftError(f"method {method.name} needs per-parameter factors: use engine.grad_sample_mode=hooks")
-    for p in params.values():
-        p.grad = None
-    hooks.disable_hooks()
-    try:
-        (factors.detach().to(losses.dtype) * losses).sum().backward()
-    finally:
-        hooks.enable_hooks()
-    for name, p in params.items():
-        if p.grad is not None:  # Σ_i w_i g_i, mapped (linearly) into the privatised space
-            clipped[name].add_(method.space_map(name, p.grad))
-        p.grad = None
-    return losses.detach(), sq_norms.sum(0).sqrt(), factors
+    return _zero_out(factors, keep), sq_norms.sum(0).sqrt(), keep
 
 
-def _clipped_sum_bk(model, batch, method, params, clipped, hooks) -> tuple[Tensor, Tensor, Tensor]:
-    """Book-keeping: ghost norms and the clipped sum from one backward (dpft/engine/bookkeeping.py)."""
+def _clipped_sum_ghost(model, batch, method, params, clipped, hooks, n_chunks=1) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Ghost clipping (Opacus' two backwards): per-sample norms from the first backward, then a second
+    backward of Σ w_i·loss_i. That backward recomputes each example's gradient in fp32 (not exactly w_i
+    times the first one), so its clipped sum is formed from its own kept (A, B') and re-measured: each
+    example is scaled by α_i = min(1, sensitivity / bounded norm of what it now contributes) — ≈ 1 but
+    for rounding — which makes the bound exact for what is released (dpft/engine/bookkeeping.py)."""
+    from dpft.engine.bookkeeping import bounded_sq_norms
+
     losses = per_sample_loss(model, batch)
     try:
+        hooks.hold, hooks.keep = True, False
+        losses.sum().backward(retain_graph=True)
+        factors, norms, keep = _factors_bounded(method, params, losses, n_chunks)
+        hooks.samples.clear()  # the first backward's per-sample gradients: norms taken, not summed
+        for p in params.values():
+            p.grad = None
+        hooks.hold, hooks.keep = False, True
+        zero = torch.zeros((), dtype=losses.dtype, device=losses.device)
+        # masked, not multiplied: a non-finite loss times 0 is NaN (its B' rows are masked in clipped_sum)
+        (torch.where(keep, factors.detach().to(losses.dtype), zero) * torch.where(keep, losses, zero)).sum().backward()
+        for p in params.values():
+            p.grad = None  # autograd's own sum of the second backward: discarded, never released
+        sq2, keep2 = bounded_sq_norms(params, n_chunks)
+        keep = keep & keep2
+        alpha = (method.sensitivity() / sq2.sum(0).sqrt().double().clamp_min(1e-300)).clamp(max=1.0)
+        alpha = torch.where(keep, alpha, torch.zeros((), dtype=alpha.dtype, device=alpha.device)).float()
+        for name, g in hooks.clipped_sum(alpha, params).items():
+            clipped[name].add_(method.space_map(name, g.float()))
+    finally:
+        hooks.hold, hooks.keep = False, False
+        hooks.forget()
+    return losses.detach(), norms, factors * alpha, int((~keep).sum())
+
+
+def _clipped_sum_bk(model, batch, method, params, clipped, hooks, n_chunks=1) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Book-keeping: bounded norms and the clipped sum from one backward (dpft/engine/bookkeeping.py)."""
+    try:
+        hooks.keep = hooks.skip_weight_grads = True
+        losses = per_sample_loss(model, batch)
         losses.sum().backward()
-        sq_norms = torch.stack([p._norm_sample.float().pow(2) for p in params.values()])
-        for p in params.values():  # per-sample quantities must not outlive the clipping
-            p._norm_sample = None
-            p.grad = None  # autograd's unclipped sum: discarded, never released
-        factors = method.clip_factors(sq_norms)
-        if factors.dim() != 1:
-            raise DpftError(f"method {method.name} needs per-parameter factors: use engine.grad_sample_mode=hooks")
+        hooks.restore_requires_grad()
+        for p in params.values():
+            p.grad = None  # autograd's unclipped sum (of the layers it still formed): discarded, never released
+        factors, norms, keep = _factors_bounded(method, params, losses, n_chunks)
         for name, g in hooks.clipped_sum(factors.detach(), params).items():
             clipped[name].add_(method.space_map(name, g.float()))
     finally:
+        hooks.restore_requires_grad()
         hooks.forget()
-    return losses.detach(), sq_norms.sum(0).sqrt(), factors
+    return losses.detach(), norms, factors, int((~keep).sum())
 
 
 def dp_step(*, model, chunks: list[Batch], method, params: dict[str, nn.Parameter], optimizer,
@@ -144,18 +181,21 @@ def dp_step(*, model, chunks: list[Batch], method, params: dict[str, nn.Paramete
     clipped = {n: torch.zeros(method.space_shape(n, p), dtype=torch.float32, device=p.device)
                for n, p in params.items()}
     losses, norms, factors = [], [], []
+    nonfinite = 0  # examples given factor 0 for a non-finite loss/gradient (non-released diagnostic)
     for batch in chunks:  # an empty Poisson draw leaves S = 0 and still takes the noisy step
         if mode == "hooks":
-            out = _clipped_sum_hooks(model, batch, method, params, clipped)
+            out = _clipped_sum_hooks(model, batch, method, params, clipped, len(chunks))
         elif mode == "bk":
-            out = _clipped_sum_bk(model, batch, method, params, clipped, hooks)
+            out = _clipped_sum_bk(model, batch, method, params, clipped, hooks, len(chunks))
         else:
-            out = _clipped_sum_ghost(model, batch, method, params, clipped, hooks)
+            out = _clipped_sum_ghost(model, batch, method, params, clipped, hooks, len(chunks))
         losses.append(out[0]); norms.append(out[1])
         factors.append(out[2] if out[2].dim() == 1 else out[2].min(0).values)
+        nonfinite += out[3]
 
     if dist is not None:  # S over the whole logical batch, and its per-example statistics
         dist.sum_(clipped)
+        nonfinite = int(dist.gather(torch.tensor([nonfinite], device=dist.device)).sum())
         losses, norms, factors = ([dist.gather(torch.cat(x) if x else torch.zeros(0, device=dist.device))]
                                   for x in (losses, norms, factors))
     b = method.privacy.expected_batch_size
@@ -169,7 +209,9 @@ def dp_step(*, model, chunks: list[Batch], method, params: dict[str, nn.Paramete
     stats = {"batch_size": sum(len(c) for c in chunks) if dist is None else int(losses[0].numel())}
     if losses and sum(x.numel() for x in losses):
         all_losses, all_norms, all_f = torch.cat(losses), torch.cat(norms), torch.cat(factors)
-        stats["loss"] = float(all_losses.mean())
+        stats["nonfinite"] = nonfinite
+        finite = torch.isfinite(all_losses)
+        stats["loss"] = float(all_losses[finite].mean()) if finite.any() else float("nan")
         stats["clipped_frac"] = float((all_f < 1.0 - 1e-6).float().mean())
         stats["grad_norm_median"] = float(all_norms.median())
     if alignment:

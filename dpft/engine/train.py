@@ -267,16 +267,11 @@ def attach_hooks(model, mode: str, clip_norm: float):
         raise DpftError(f"model has layers DP training cannot handle: {errors[0]}")
     if mode == "hooks":
         return GradSampleHooks(model, batch_first=True, loss_reduction="sum", strict=False)
-    if mode == "bk":
-        from dpft.engine.bookkeeping import BookKeepingHooks
+    # ghost/bk: float64 norms with rigorous rounding-error bounds (dpft/engine/bookkeeping.py)
+    from dpft.engine.bookkeeping import ClipHooks, check_hooked_gradients
 
-        return BookKeepingHooks(model, batch_first=True, loss_reduction="sum", strict=False, max_grad_norm=clip_norm)
-    # Opacus' ghost hooks with float64 Linear ghost norms (fp32 ones can unclip a crafted example;
-    # dpft/engine/bookkeeping.py linear_norm_sample_fp64)
-    from dpft.engine.bookkeeping import GhostHooks
-
-    return GhostHooks(model, batch_first=True, loss_reduction="sum", strict=False,
-                      max_grad_norm=clip_norm, use_ghost_clipping=True)
+    check_hooked_gradients(model)  # refuse weights that get gradient outside their hooked call
+    return ClipHooks(model, batch_first=True, loss_reduction="sum", strict=False, max_grad_norm=clip_norm)
 
 
 def run(prep: Prepared, run_path: Path, tracker, progress, resume: dict | None = None) -> dict:

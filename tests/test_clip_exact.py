@@ -1,0 +1,238 @@
+"""The per-sample bound holds exactly for what is released (issue 16, items 3-6): the fp32 clipped sum of
+ghost and bk modes, half-precision weights, non-finite examples, gradients outside hooked layer calls.
+
+Every test reads the released clipped sum itself (σ = 0, B = 1, what `method.postprocess` receives),
+so there is no tolerance for parameter round-off: the bound is proven (dpft/engine/bookkeeping.py), and
+each test runs under 1 and 2 BLAS threads where the summation order could matter."""
+
+from __future__ import annotations
+
+import math
+import types
+
+import pytest
+import torch
+
+from conftest import tiny_batch, tiny_dp
+from dpft.config import compose_run
+from dpft.engine.step import Batch, dp_step
+from dpft.engine.train import attach_hooks
+from dpft.errors import DpftError
+from dpft.methods import PrivacyParams, build_method
+
+
+def _release(model, params, method, hooks, chunks, mode, threads=1):
+    """One σ = 0 DP step -> (the released clipped sum S as {name: tensor}, dp_step's stats)."""
+    released = []
+    post = method.postprocess
+
+    def capture(g, std, step):
+        released.append({n: t.detach().clone() for n, t in g.items()})
+        return post(g, std, step)
+
+    method.postprocess = capture
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        opt = torch.optim.SGD(list(params.values()), lr=0.0)
+        stats = dp_step(model=model, chunks=chunks, method=method, params=params, optimizer=opt,
+                        noise_generator=torch.Generator().manual_seed(0), mode=mode, hooks=hooks, step=1,
+                        alignment=False)
+    finally:
+        torch.set_num_threads(before)
+        method.postprocess = post
+    b = method.privacy.expected_batch_size
+    return {n: t * b for n, t in released[0].items()}, stats
+
+
+def _norm(tensors) -> float:
+    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors.values()))
+
+
+class _Cancelling(torch.nn.Module):
+    """T tokens with one activation a and output gradients ±h whose sum is ε·h: the example's weight
+    gradient is tiny next to its per-token terms, so the fp32 contraction's rounding error (∝ Σ_t‖b_t‖‖a_t‖)
+    dwarfs its true norm. Exact (float64) norms alone let it through at > C; the bound must not."""
+
+    def __init__(self, eps: float, t: int, d: int = 64, seed: int = 0):
+        super().__init__()
+        self.config = types.SimpleNamespace(model_type="toy")
+        g = torch.Generator().manual_seed(seed)
+        self.emb = torch.nn.Embedding(10, d)
+        self.emb.weight.requires_grad_(False)
+        with torch.no_grad():
+            self.emb.weight.copy_(torch.randn(10, d, generator=g) * 100)
+        self.lin = torch.nn.Linear(d, d, bias=True)
+        self.register_buffer("head", torch.randn(d, generator=g) * 100)
+        coef = torch.tensor([(-1.0) ** k for k in range(t)])
+        coef[-1] += eps if t % 2 else -eps  # Σ_t coef_t = ±ε
+        self.register_buffer("coef", coef)
+
+    def forward(self, input_ids, attention_mask, position_ids=None):
+        out = (self.lin(self.emb(input_ids)) @ self.head * self.coef[: input_ids.shape[1]]).sum(1)
+        return types.SimpleNamespace(logits=torch.stack([out, -out], -1))
+
+
+def _toy_dp(model, mode, clip=1.0, overrides=()):
+    model.train()
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    method = build_method(compose_run(["debug=tiny", f"engine.grad_sample_mode={mode}", *overrides]).cfg)
+    method.setup(model, params, PrivacyParams(sigma=0.0, clip_norm=clip, sample_rate=0.1, expected_batch_size=1.0,
+                                              steps=1, delta=1e-5))
+    return params, method, attach_hooks(model, mode, clip)
+
+
+# -- item 3: the fp32 clipped sum ------------------------------------------------------------------
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("mode", ["ghost", "bk"])
+@pytest.mark.parametrize("eps,t", [(1e-4, 2), (1e-6, 2), (1e-6, 16)])
+def test_released_contribution_of_a_cancelling_example_is_at_most_C(mode, threads, eps, t):
+    """Before the fix the contraction released up to 1.98·C (ghost) / 1.18·C (bk) at ε = 1e-4, and
+    more at ε = 1e-6, although the float64 norms were exact."""
+    model = _Cancelling(eps, t)
+    params, method, hooks = _toy_dp(model, mode)
+    batch = Batch(torch.full((1, t), 3), torch.ones(1, t, dtype=torch.long), torch.tensor([1]))
+    try:
+        released, _ = _release(model, params, method, hooks, [batch], mode, threads)
+    finally:
+        hooks.cleanup()
+    norm = _norm(released)
+    assert norm <= 1.0 * (1 + 1e-12), norm
+    assert norm > 0  # shrunk by its rounding bound, not dropped
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("mode", ["ghost", "bk"])
+def test_each_released_contribution_at_most_C_on_the_tiny_model(mode, threads):
+    """Ordinary inputs, huge gradients (head × 1e4): every single-example release is ≤ C with no slack,
+    and the bound costs next to nothing (≥ C·(1 − 1e-4))."""
+    clip = 0.3
+    model, params, method, hooks, _ = tiny_dp(mode=mode, sigma=0.0, clip=clip, batch=1.0, scale_head=1e4)
+    from dpft.models import model_inputs
+
+    try:
+        for i in range(3):
+            batch = tiny_batch(1, seed=i)
+            with torch.no_grad():
+                batch.labels = model(**model_inputs(model, batch.input_ids, batch.attention_mask)).logits.argmin(-1)
+            norm = _norm(_release(model, params, method, hooks, [batch], mode, threads)[0])
+            assert clip * (1 - 1e-4) <= norm <= clip, norm
+    finally:
+        hooks.cleanup()
+
+
+def test_bounded_ghost_and_bk_sums_still_match_hooks():
+    """The bound shrinks ordinary examples by ~1e-5: the three modes still release the same sum."""
+    out = {}
+    for mode in ("hooks", "ghost", "bk"):
+        model, params, method, hooks, _ = tiny_dp(mode=mode, sigma=0.0, clip=0.05, batch=1.0)
+        out[mode] = _release(model, params, method, hooks, [tiny_batch(6, seed=3), tiny_batch(4, seed=5)], mode)[0]
+        hooks.cleanup()
+    for name, ref in out["hooks"].items():
+        for mode in ("ghost", "bk"):
+            torch.testing.assert_close(out[mode][name], ref, rtol=1e-4, atol=1e-7)
+
+
+# -- item 4: half-precision weights ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_weights_with_ghost_are_refused_before_the_run_dir(dpft, dtype):
+    r = dpft("train", "debug=tiny", f"model.dtype={dtype}", "engine.grad_sample_mode=ghost")
+    assert r.exit_code == 2, r.stdout + r.stderr
+    assert f"model.dtype={dtype} needs engine.grad_sample_mode=bk or hooks" in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (dpft.output_dir / "runs").exists()
+
+
+def test_half_precision_weights_with_bk_keep_the_bound_exact():
+    """bk sums in fp32 the very bf16 values whose norms were taken: exact, so it stays allowed."""
+    clip = 0.3
+    model, params, method, hooks, _ = tiny_dp("model.dtype=bfloat16", mode="bk", sigma=0.0, clip=clip, batch=1.0,
+                                             scale_head=1e4)
+    assert next(iter(params.values())).dtype == torch.bfloat16
+    try:
+        norm = _norm(_release(model, params, method, hooks, [tiny_batch(1, seed=1)], "bk")[0])
+    finally:
+        hooks.cleanup()
+    assert clip * 0.999 <= norm <= clip, norm
+
+
+# -- item 5: non-finite examples -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "bk"])
+@pytest.mark.parametrize("method_name", ["dpsgd", "psasc"])
+def test_a_non_finite_example_contributes_nothing_and_the_step_goes_on(mode, method_name):
+    """One example's embedding row is NaN: its loss and gradient are NaN. It gets factor 0, is masked
+    out of every contraction (0·NaN would poison the sum) and counted in stats["nonfinite"]; the
+    release equals that of the batch without it."""
+    overrides = [f"method={method_name}", "+model.arch.hidden_dropout_prob=0",
+                 "+model.arch.attention_probs_dropout_prob=0"]
+    sums = {}
+    for with_bad in (True, False):
+        model, params, method, hooks, _ = tiny_dp(*overrides, mode=mode, sigma=0.0, clip=0.05, batch=1.0)
+        batch = tiny_batch(3, seed=4)
+        with torch.no_grad():
+            model.bert.embeddings.word_embeddings.weight[7] = float("nan")
+        batch.input_ids[1, 3] = 7
+        if not with_bad:
+            batch = Batch(batch.input_ids[[0, 2]], batch.attention_mask[[0, 2]], batch.labels[[0, 2]])
+        try:
+            released, stats = _release(model, params, method, hooks, [batch], mode)
+        finally:
+            hooks.cleanup()
+        assert all(torch.isfinite(t).all() for t in released.values())
+        assert stats["nonfinite"] == (1 if with_bad else 0)
+        sums[with_bad] = released
+    for name, ref in sums[False].items():
+        torch.testing.assert_close(sums[True][name], ref, rtol=1e-4, atol=1e-7)
+
+
+def test_runs_log_the_nonfinite_count(dpft):
+    from conftest import read_run, run_dirs
+
+    r = dpft("train", "debug=tiny", "engine.grad_sample_mode=bk", "train.eval_every=null", "train.steps=2")
+    assert r.exit_code == 0, r.stderr
+    metrics, _, _ = read_run(run_dirs(dpft.output_dir)[0])
+    assert [m["train/nonfinite"] for m in metrics] == [0, 0]
+
+
+# -- item 6: gradients outside hooked calls ----------------------------------------------------------------
+
+class _ReadsWeightDirectly(torch.nn.Module):
+    """A Linear whose weight is also used outside its call (as some architectures tie a projection)."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = types.SimpleNamespace(model_type="toy")
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(20, 16)
+        self.lin = torch.nn.Linear(16, 16)
+        self.head = torch.nn.Linear(16, 2)
+
+    def forward(self, input_ids, attention_mask, position_ids=None):
+        x = self.emb(input_ids)
+        h = self.lin(x) + 100.0 * x @ self.lin.weight.T  # the second read escapes the hooks
+        return types.SimpleNamespace(logits=self.head(h.mean(1)))
+
+
+@pytest.mark.parametrize("mode", ["ghost", "bk"])
+def test_a_weight_read_outside_its_layer_call_is_refused(mode):
+    model = _ReadsWeightDirectly().train()
+    with pytest.raises(DpftError, match=r"parameter lin\.weight gets gradient outside its hooked layer call"):
+        attach_hooks(model, mode, 1.0)
+
+
+@pytest.mark.parametrize("mode", ["ghost", "bk"])
+def test_the_attach_check_leaves_rng_and_gradients_as_they_were(mode):
+    from conftest import tiny_dp as build
+
+    model, params, _, hooks, _ = build(mode="hooks")
+    hooks.cleanup()
+    state = torch.get_rng_state()
+    hooks = attach_hooks(model, mode, 1.0)  # runs the synthetic forward/backward (dropout draws)
+    try:
+        assert torch.equal(torch.get_rng_state(), state)
+        assert all(p.grad is None for p in params.values())
+    finally:
+        hooks.cleanup()
