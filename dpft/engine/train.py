@@ -382,7 +382,7 @@ def run(prep: Prepared, run_path: Path, tracker, progress, resume: dict | None =
                 idx = dist.shard(idx)
             chunks = _chunks(prep.train_enc, idx, pbs, device, cfg.engine.get("autocast"))
             if step == start:
-                before = {n: float(p.detach().double().sum()) for n, p in params.items()}
+                before = {n: _fingerprint(p) for n, p in params.items()}
             ts = time.perf_counter()
             if method.private:
                 stats = dp_step(model=model, chunks=chunks, method=method, params=params, optimizer=optimizer,
@@ -503,11 +503,18 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
     store.atomic_write_text(path, "".join(json.dumps(store._jsonable(r), sort_keys=True) + "\n" for r in keep))
 
 
+def _fingerprint(p) -> tuple[float, float]:
+    """(Σ p, Σ p²) in float64: an Adam step of ±lr per entry can leave Σ p unchanged (as many up as
+    down, e.g. a 2-entry head bias half the time), but not both."""
+    x = p.detach().double()
+    return float(x.sum()), float(x.square().sum())
+
+
 def _check_moved(before: dict, params: dict) -> float:
     """Fraction of trainable tensors the first step changed. Zero means the update never reached
     the weights (e.g. LoRA wrapped before the device move, Opacus #820): stop rather than train
     nothing while spending privacy."""
-    moved = sum(float(p.detach().double().sum()) != before[n] for n, p in params.items())
+    moved = sum(_fingerprint(p) != before[n] for n, p in params.items())
     if moved == 0:
         raise DpftError("the first optimizer step changed no trainable weight; refusing to continue")
     return moved / max(len(params), 1)
