@@ -4,8 +4,6 @@ metrics.jsonl); imports no torch."""
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,22 +38,7 @@ def _load_config(path: Path) -> dict:
 
 
 def tail_record(metrics_path: Path, key: str | None = None) -> dict | None:
-    """The last complete record of a metrics.jsonl (with `key`, if given), read from its tail."""
-    try:
-        with open(metrics_path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 262144))
-            tail = f.read()
-    except OSError:
-        return None
-    for line in reversed(tail.split(b"\n")[:-1]):
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and (key is None or key in rec):
-            return rec
-    return None
+    return store.tail_record(metrics_path, key)
 
 
 @dataclass

@@ -311,20 +311,28 @@ def find_run(output_dir: str | os.PathLike, ref: str) -> Path:
     return hits[0]
 
 
-def last_step(metrics_path: Path) -> int:
-    """The step of the last complete record of a metrics.jsonl, read from its tail (cheap)."""
+def tail_record(metrics_path: Path, key: str | None = None, window: int = 262144) -> dict | None:
+    """The last complete record of a metrics.jsonl (with `key`, if given), read from its tail (cheap;
+    the part after the last newline may be torn)."""
     try:
         with open(metrics_path, "rb") as f:
             f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 65536))
+            f.seek(max(0, f.tell() - window))
             tail = f.read()
     except OSError:
-        return 0
-    for line in reversed(tail.split(b"\n")[:-1]):  # the part after the last newline may be torn
+        return None
+    for line in reversed(tail.split(b"\n")[:-1]):
         try:
-            step = json.loads(line).get("step")
-        except (ValueError, AttributeError):
+            rec = json.loads(line)
+        except ValueError:
             continue
-        if isinstance(step, int) and not isinstance(step, bool):
-            return step
-    return 0
+        step = rec.get("step") if isinstance(rec, dict) else None
+        if isinstance(step, int) and not isinstance(step, bool) and (key is None or key in rec):
+            return rec
+    return None
+
+
+def last_step(metrics_path: Path) -> int:
+    """The step of the last complete record of a metrics.jsonl (0 if none)."""
+    rec = tail_record(metrics_path, window=65536)
+    return int(rec["step"]) if rec else 0
