@@ -7,7 +7,6 @@ that says so; a resume never re-releases steps on other data nor undercounts rel
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path

@@ -496,7 +496,8 @@ def _logged_after(path: Path, last_step: int) -> int:
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
     """Keep the records of steps ≤ last_step (written before the checkpoint); later ones are
-    recomputed identically after the resume."""
+    recomputed after the resume (identically under privacy.noise=seeded, with fresh noise and
+    charged again otherwise: `_logged_after`)."""
     keep = [r for r in store.read_metrics(path) if int(r.get("step", 0)) <= last_step]
     import json
 
