@@ -146,9 +146,9 @@ def expand(sweep: SweepFile, cli_overrides: Iterable[str] = ()) -> tuple[list[li
     (later sources replace earlier ones key by key, keeping the axis' position); blocks in file
     order. Returns (override lists, swept keys)."""
     jobs, axes = [], []
-    for i, block in enumerate(sweep.grid):
+    for i, block, cli in _select_blocks(sweep, [str(o) for o in cli_overrides]):
         where = "grid" if len(sweep.grid) == 1 else f"grid[{i}]"
-        j, a = _expand_block(sweep, block, where, cli_overrides)
+        j, a = _expand_block(sweep, block, where, cli)
         jobs += j
         axes += [k for k in a if k not in axes]
     if len(sweep.grid) > 1:  # a key fixed inside each block but different across blocks is an axis too
@@ -163,6 +163,56 @@ def expand(sweep: SweepFile, cli_overrides: Iterable[str] = ()) -> tuple[list[li
             if len(values[k] - {None}) > 1 and k not in axes:
                 axes.append(k)
     return jobs, axes
+
+
+def _override_values(line: str) -> tuple[str, set[str] | None]:
+    """(key, the values a `key=value` / `key=a,b` / `key=range(..)` override takes), or (key, None)
+    for overrides that are not a plain value list (deletions, appends, globs, intervals)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        [o] = OverridesParser.create().parse_overrides([line])
+    except (HydraException, ValueError):
+        return line.split("=", 1)[0], None  # _expand_block reports the malformed override
+    key = o.get_key_element()
+    if o.is_delete() or o.is_add() or o.is_force_add():
+        return key, None
+    try:
+        if o.is_sweep_override():
+            return key, set(o.sweep_string_iterator())
+        return key, {o.get_value_element_as_str()}
+    except HydraException:
+        return key, None
+
+
+def _select_blocks(sweep: SweepFile, cli: list[str]) -> list[tuple[int, dict[str, str], list[str]]]:
+    """Blocks of a multi-block grid that the command line keeps, each with the CLI overrides that
+    apply to it. A key that some blocks sweep but others do not name (a method's own knob, absent
+    on its baseline rows) narrows only the blocks that name it; a key whose values exclude a
+    block's values entirely drops that block (`task=sst2` runs the SST-2 block, not the QNLI block
+    re-labelled sst2), unless it excludes every block, which is a replacement as with one block."""
+    if len(sweep.grid) < 2:
+        return [(0, sweep.grid[0], cli)] if sweep.grid else []
+    file_keys = {o.split("=", 1)[0] for o in sweep.overrides}
+    kept = list(range(len(sweep.grid)))
+    per_block = {i: list(cli) for i in kept}
+    for line in cli:
+        key, values = _override_values(line)
+        named = [i for i, b in enumerate(sweep.grid) if key in b]
+        if not named:
+            continue
+        if key not in file_keys:
+            for i in kept:
+                if i not in named:
+                    per_block[i].remove(line)
+        if values is None:
+            continue
+        block_values = {i: _override_values(f"{key}={sweep.grid[i][key]}")[1] for i in named}
+        disjoint = [i for i in named if block_values[i] is not None and not (block_values[i] & values)]
+        if len([i for i in named if i in kept and i not in disjoint]) > 0:
+            kept = [i for i in kept if i not in disjoint]
+    return [(i, sweep.grid[i], per_block[i]) for i in kept]
 
 
 def _expand_block(sweep: SweepFile, block: dict[str, str], where_grid: str,

@@ -170,6 +170,28 @@ def test_cli_overrides_narrow_replace_and_add_axes(tmp_path):
     assert next(o for o in first if o.startswith("method=")) == "method=nonprivate"
 
 
+def test_cli_narrows_blocks_by_their_own_keys(tmp_path):
+    """In a multi-block grid a CLI value selects blocks: `task=sst2` keeps the SST-2 block and drops
+    the QNLI block (before: both ran, the QNLI one re-labelled task=sst2 on QNLI data), and a knob
+    only the method's block sweeps narrows that block without failing on the baseline rows."""
+    sweep = parse_sweep_text(
+        "overrides: [debug=tiny]\n"
+        "grid:\n"
+        "  - {task: sst2, task.max_length: '32', method: 'dpsgd,grape', seed: '0,1'}\n"
+        "  - {task: qnli, task.max_length: '64', method: 'dpsgd,grape', seed: '0,1'}\n"
+        "  - {task: sst2, method: grape, method.rank: '16,64', seed: '0,1'}\n", "b", tmp_path / "b.yaml")
+    points, _ = expand(sweep, ["task=sst2"])
+    assert len(points) == 4 + 4 and not any("task.max_length=64" in p for p in points)
+    points, _ = expand(sweep, ["method.rank=16"])
+    assert len(points) == 4 + 4 + 2
+    assert sum("method.rank=16" in p for p in points) == 2 and not any("method.rank=64" in p for p in points)
+    points, _ = expand(sweep, ["method=dpsgd"])   # the grape-only block is dropped
+    assert len(points) == 2 + 2 and all("method=dpsgd" in p for p in points)
+    # a value outside every block replaces, as with one block
+    points, _ = expand(sweep, ["task=mnli"])
+    assert len(points) == 12 and all("task=mnli" in p for p in points)
+
+
 def test_grammar_choice_glob_and_delete(tmp_path):
     sweep = parse_sweep_text("overrides: [debug=tiny, ~diagnostics]\ngrid:\n  method: glob(*)\n  seed: choice(3,4)\n",
                              "g", tmp_path / "g.yaml")
