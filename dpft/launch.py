@@ -85,14 +85,14 @@ def main(argv: list[str] | None = None) -> int:
     """Entry of one job process: ``python -m dpft.launch --run-id ID [--force] -- OVERRIDES``."""
     import argparse
 
-    from dpft.cli import _setup_logging
+    from dpft.console import setup_logging
 
     parser = argparse.ArgumentParser(prog="python -m dpft.launch", description="run one planned sweep job")
     parser.add_argument("--run-id", default=None, help="expected run id (from the plan)")
     parser.add_argument("--force", action="store_true")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
-    _setup_logging()
+    setup_logging()
     # Slurm (preemption, time limit), the sweep (Ctrl-C, parent death) and `kill` all send SIGTERM:
     # turn it into the interrupt path so the run records `interrupted` instead of a dead `running`.
     signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -105,10 +105,10 @@ def _raise_interrupt(signum, frame):
 
 def _submitit_entry(overrides: list[str], run_id: str, force: bool, env: dict[str, str]) -> int:
     """What a submitit job runs (pickled by reference, so dpft must be importable there)."""
-    from dpft.cli import _setup_logging
+    from dpft.console import setup_logging
 
     os.environ.update(env)
-    _setup_logging()
+    setup_logging()
     return run_job(overrides, run_id, force)[0]
 
 

@@ -224,7 +224,7 @@ def test_accountant_disagreement_is_shown_in_red(monkeypatch):
     import io
 
     console = Console(record=True, force_terminal=True, width=140, color_system="truecolor", file=io.StringIO())
-    monkeypatch.setattr(cli, "_console", lambda **kw: console)
+    monkeypatch.setattr(cli, "make_console", lambda **kw: console)
     summary = {"metric": "eval/accuracy", "final": 0.5, "best": 0.5, "steps_to_90": None, "steps_to_95": None,
                "target": 0.9, "wall_time_s": 1.0,
                "privacy": {"private": True, "epsilon": 7.9976, "delta": 1.0, "accountant": "rdp",
