@@ -165,7 +165,7 @@ def _overrides_and_paths(tokens: list[str]) -> tuple[list[str], str | None]:
 def _list_sweeps_table(console) -> None:
     from rich.table import Table
 
-    from dpft.sweep import PACKAGE_SWEEPS, list_sweeps
+    from dpft.sweeps.spec import PACKAGE_SWEEPS, list_sweeps
 
     table = Table(title="sweeps: dpft sweep NAME \\[overrides], dpft report NAME", title_justify="left")
     table.add_column("name", style="cyan", no_wrap=True)
@@ -210,8 +210,10 @@ def sweep_cmd(
         return
     import yaml
 
-    from dpft.launch import EXECUTORS, make_executor, run_plan
-    from dpft.sweep import load_sweep, make_plan, write_plan
+    from dpft.sweeps.executors import EXECUTORS, make_executor
+    from dpft.sweeps.plan import make_plan, write_plan
+    from dpft.sweeps.scheduler import run_plan
+    from dpft.sweeps.spec import load_sweep
 
     if executor not in EXECUTORS:
         raise DpftError(f"unknown executor '{executor}'; choose one of {', '.join(EXECUTORS)}")
@@ -223,7 +225,7 @@ def sweep_cmd(
         if not eq or not key:
             raise DpftError(f"--submitit expects KEY=VALUE, got '{item}'")
         params[key] = yaml.safe_load(value)
-    from dpft.sweep import find_sweep
+    from dpft.sweeps.spec import find_sweep
 
     found = find_sweep(name)
     if not found.read_bytes().strip():  # YAML reads it as null: an empty grid, i.e. one default job
@@ -241,7 +243,7 @@ def sweep_cmd(
     if hasattr(ex, "describe"):
         console.print(ex.describe(), highlight=False)
     result = run_plan(plan, ex, force=force, retry_failed=retry_failed, fail_fast=fail_fast, console=console)
-    from dpft.launch import counts
+    from dpft.sweeps.display import counts
 
     c = counts(result.tasks)
     console.print("sweep " + plan.name + ": " + ", ".join(f"{v} {k}" for k, v in sorted(c.items())), highlight=False)
@@ -262,7 +264,7 @@ def _show_plan(console, plan, plan_path) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from dpft.sweep import job_state
+    from dpft.sweeps.plan import job_state
 
     states = [job_state(plan.output_dir, j.run_id) for j in plan.jobs]
     summary = {}
@@ -306,7 +308,8 @@ def report_cmd(
 
 
     from dpft import report as rp
-    from dpft.sweep import load_sweep, make_plan, plan_sweep_file, read_plan
+    from dpft.sweeps.plan import make_plan, plan_sweep_file, read_plan
+    from dpft.sweeps.spec import load_sweep
 
     console = make_console()
     grid_overrides, output_dir = _overrides_and_paths(overrides or [])

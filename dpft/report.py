@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from dpft.errors import DpftError
-from dpft.sweep import Job, Plan
+from dpft.sweeps.plan import Job, Plan
 
 REPORT_KEYS = ("title", "metric", "rows", "cols", "over", "measures", "target", "target_by", "scale", "digits",
                "bold", "labels", "paper", "curves", "better", "compare")

@@ -22,7 +22,8 @@ from dpft import report as rp
 from dpft import store
 from dpft.cli import app
 from dpft.errors import DpftError
-from dpft.sweep import Job, Plan, load_sweep, read_plan, write_plan
+from dpft.sweeps.plan import Job, Plan, read_plan, write_plan
+from dpft.sweeps.spec import load_sweep
 
 
 @pytest.fixture(autouse=True)

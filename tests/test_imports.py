@@ -1,4 +1,4 @@
-"""The package layout holds: no import cycles among dpft's modules and `dpft --help` stays light.
+"""The import layout holds: no import cycles among dpft's modules and `dpft --help` stays light.
 
 The import graph is read from the source with ``ast``, every ``import``/``from … import`` counted,
 also the lazy ones inside functions (they run sooner or later, and a cycle through them is still a

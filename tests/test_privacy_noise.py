@@ -343,7 +343,7 @@ def test_every_shipped_sweep_states_its_noise_mode_and_why():
     import yaml
 
     from dpft.engine.noise import MODES
-    from dpft.sweep import PACKAGE_SWEEPS
+    from dpft.sweeps.spec import PACKAGE_SWEEPS
 
     files = sorted(Path(PACKAGE_SWEEPS).glob("*.yaml"))
     assert len(files) >= 9

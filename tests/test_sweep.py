@@ -17,9 +17,10 @@ from dpft import store
 from dpft.cli import app
 from dpft.config import compose_run, list_choices
 from dpft.errors import DpftError
-from dpft.launch import LocalExecutor, run_job
-from dpft.sweep import (PACKAGE_SWEEPS, expand, job_state, list_sweeps, load_sweep, make_plan, parse_sweep_text,
-                        read_plan)
+from dpft.sweeps.executors import LocalExecutor
+from dpft.sweeps.job import run_job
+from dpft.sweeps.plan import expand, job_state, make_plan, read_plan
+from dpft.sweeps.spec import PACKAGE_SWEEPS, list_sweeps, load_sweep, parse_sweep_text
 
 # Expected sizes of the shipped grids: changing one of these files should be a deliberate act.
 SHIPPED = {"kappa": 6 * 2 * 3, "norm-correction": 2 * 2 * 3, "denoise-glue": 2 * (2 * 4 * 2 * 2 * 3), "smoke": 2 * 2,
@@ -126,7 +127,7 @@ def test_shipped_sweep_composes_with_stable_ids(name):
     is in the slow test below."""
     from dpft import report as rp
     from dpft.config import semantic_config
-    from dpft.sweep import Job, Plan
+    from dpft.sweeps.plan import Job, Plan
 
     sweep = load_sweep(name)
     if not _composable(sweep):
