@@ -19,6 +19,7 @@ import yaml
 from typer.testing import CliRunner
 
 from dpft import report as rp
+from dpft.report.formats import to_markdown
 from dpft import store
 from dpft.cli import app
 from dpft.errors import DpftError
@@ -152,7 +153,7 @@ def test_numbers_follow_from_the_runs(tmp_path):
     empty = cells.loc[("8", "dpsgd", "final")]
     assert empty["n"] == 0 and empty["expected"] == 3 and math.isnan(empty["mean"])
     assert {j.run_id for j in rep.missing} == {"fx8de2", "fx3dp1", "fx8dp0", "fx8dp1", "fx8dp2"}
-    md = rp.to_markdown(rep)
+    md = to_markdown(rep)
     assert "(2/3)" in md and "—" in md and "target = the task's configured reference task.target (sst2 0.9)" in md
 
 

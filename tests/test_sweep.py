@@ -125,7 +125,8 @@ def test_shipped_sweep_composes_with_stable_ids(name):
     """First, middle and last job compose, get the run id `dpft train` would give them, the id is
     stable, and the report block names keys those configs have; the full composition of every job
     is in the slow test below."""
-    from dpft import report as rp
+    from dpft.report.labels import MISSING, label_of
+    from dpft.report.spec import as_list, parse_report
     from dpft.config import semantic_config
     from dpft.sweeps.plan import Job, Plan
 
@@ -139,11 +140,11 @@ def test_shipped_sweep_composes_with_stable_ids(name):
     assert ids == [compose_run(points[i]).run_id for i in picks]
     assert len(set(ids)) == len(ids)
     jobs = [Job(s.run_id, s.slug, s.overrides, {}, s.choices, semantic_config(s.cfg)) for s in specs]
-    spec = rp.parse_report(sweep.report, Plan(name, jobs, Path("unused")))
-    keys = spec.rows + spec.cols + spec.over + rp._as_list(spec.curves.get("hue"), "hue") + \
-        rp._as_list(spec.curves.get("panels"), "panels")
+    spec = parse_report(sweep.report, Plan(name, jobs, Path("unused")))
+    keys = spec.rows + spec.cols + spec.over + as_list(spec.curves.get("hue"), "hue") + \
+        as_list(spec.curves.get("panels"), "panels")
     for key in keys:  # every report key labels at least one job (a block may lack a method's knob)
-        assert any(rp.label_of(job, key) != rp.MISSING for job in jobs), key
+        assert any(label_of(job, key) != MISSING for job in jobs), key
 
 
 @pytest.mark.slow
