@@ -63,6 +63,9 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the forked child
 
 @dataclass(eq=False)  # identity: the scheduler finds tasks in lists by object
 class Task:
+    """One planned job in a running sweep: its state for the scheduler and the display, and what
+    its executor needs to follow it (process or submitit handle, worker slot, log file)."""
+
     job: Job
     state: str
     note: str = ""

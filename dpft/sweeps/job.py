@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 
+from dpft.console import error, setup_logging
 from dpft.errors import DpftError
 from dpft.sweeps.plan import Job
 
@@ -48,7 +49,7 @@ def run_job(overrides: list[str], run_id: str | None = None, force: bool = False
 
 
 def _failed(code: int, message: str) -> tuple[int, str]:
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    error(message)  # the job's log ends in the same one line `dpft train` would print
     return code, message
 
 
@@ -60,8 +61,6 @@ def job_command(job: Job, force: bool) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """Entry of one job process: ``python -m dpft.sweeps.job --run-id ID [--force] -- OVERRIDES``."""
     import argparse
-
-    from dpft.console import setup_logging
 
     parser = argparse.ArgumentParser(prog="python -m dpft.sweeps.job", description="run one planned sweep job")
     parser.add_argument("--run-id", default=None, help="expected run id (from the plan)")
@@ -81,8 +80,6 @@ def raise_interrupt(signum, frame):
 
 def submitit_entry(overrides: list[str], run_id: str, force: bool, env: dict[str, str]) -> int:
     """What a submitit job runs (pickled by reference, so dpft must be importable there)."""
-    from dpft.console import setup_logging
-
     os.environ.update(env)
     setup_logging()
     return run_job(overrides, run_id, force)[0]
