@@ -69,7 +69,7 @@ utility)
   # grape sweep rows (sweeps/grape.yaml's recipe, unchanged) on real SST-2 with the carried MiniLM
   if [ "$SMOKE" = 1 ]; then U=(train.steps=2 train.batch_size=16 train.eval_at=[1,2] task.max_train_examples=200
                                task.max_eval_examples=32 task.max_length=32 method.rank=null,16)
-  else U=(-j 4 runtime.physical_batch_size=256); fi  # 4 MiniLM jobs share the one GPU (launch.py pins slot % n_gpus)
+  else U=(-j 4 runtime.physical_batch_size=256); fi  # 4 MiniLM jobs share the one GPU (dpft/sweeps/executors.py pins slot % n_gpus)
   OD=outputs/gpu-utility
   dpft sweep grape task=sst2 seed=0 privacy.epsilon="$EPS" model.name_or_path="$PWD/.assets/minilm" \
     task.data_dir="$PWD/.assets/sst2" paths.output_dir="$OD" "${U[@]}" 2>&1 | tail -15

@@ -3,39 +3,17 @@ commands so `dpft --help` stays fast."""
 
 from __future__ import annotations
 
-import functools
-import logging
 import os
 from typing import List, Optional
 
 import typer
 
+from dpft.console import OneLineUsageErrors, cli_errors, error, make_console, setup_logging, silence_stdout
 from dpft.errors import DpftError
-
-class _OneLineUsageErrors(typer.core.TyperGroup):
-    """Usage errors (unknown option, bad option value, missing argument) as one `error:` line on
-    stderr and exit 2, like every other bad input, instead of click's multi-line usage box."""
-
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        import sys
-
-        if not standalone_mode:
-            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        try:
-            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except typer.Abort:
-            _err("aborted")
-            sys.exit(1)
-        except typer.TyperException as e:  # typer's (vendored) click UsageError, BadParameter, ...
-            ctx = getattr(e, "ctx", None)
-            message = e.format_message() if hasattr(e, "format_message") else str(e)
-            _err(" ".join(message.split()) + (f" (see {ctx.command_path} --help)" if ctx else ""))
-            sys.exit(getattr(e, "exit_code", 2))
-        sys.exit(rv if isinstance(rv, int) else 0)
 
 
 app = typer.Typer(
-    cls=_OneLineUsageErrors,
+    cls=OneLineUsageErrors,
     add_completion=False,
     no_args_is_help=False,
     pretty_exceptions_enable=False,
@@ -44,78 +22,6 @@ app = typer.Typer(
 )
 
 OVERRIDES_HELP = "Hydra overrides: key=value, +key=value, ~key, group=option (e.g. method=dpsgd task=sst2)."
-
-
-def _err(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-
-
-def cli_errors(fn):
-    """Bad input → one line on stderr and exit 2; Ctrl-C → exit 130. Never a traceback for these."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except DpftError as e:
-            _err(str(e))
-            raise typer.Exit(e.exit_code) from None
-        except KeyboardInterrupt:
-            _err("interrupted")
-            raise typer.Exit(130) from None
-        except BrokenPipeError:  # `dpft show | head -1`: the reader left; nothing to say, not an error
-            _silence_stdout()
-            raise typer.Exit(0) from None
-        except OSError as e:  # the environment: disk full, permission denied, a file where a folder should be
-            _err(f"{e.strerror or type(e).__name__}: {e.filename}" if e.filename else " ".join(str(e).split()))
-            raise typer.Exit(2) from None
-
-    return wrapper
-
-
-def _silence_stdout() -> None:
-    """Point stdout at /dev/null so the interpreter's final flush does not raise again."""
-    import sys
-
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-    except (OSError, ValueError):  # stdout without a descriptor (tests capture it in memory)
-        pass
-
-
-def _console(**kw):
-    """A rich Console; in a pipe or a file, as wide as the content needs (up to COLUMNS or 200)
-    instead of rich's 80, so tables are not wrapped for a terminal that is not there."""
-    from rich.console import Console
-
-    class _Console(Console):
-        def on_broken_pipe(self) -> None:  # rich exits 1 here; a reader that left is not an error
-            _silence_stdout()
-            raise SystemExit(0)
-
-    console = _Console(**kw)
-    if not console.is_terminal and "width" not in kw:
-        try:
-            width = int(os.environ.get("COLUMNS", ""))
-        except ValueError:
-            width = 200
-        console = _Console(width=max(80, width), **kw)
-    return console
-
-
-def _setup_logging() -> None:
-    import warnings
-
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("dpft").setLevel(logging.INFO)
-    logging.getLogger("absl").setLevel(logging.ERROR)  # dp_accounting's per-order RDP chatter
-    # Known-harmless: Opacus' backward hooks fire w.r.t. outputs when inputs need no grad; the RDP
-    # order grid note is about tightness, and the accountant's ε is what we report.
-    warnings.filterwarnings("ignore", message="Full backward hook is firing")
-    warnings.filterwarnings("ignore", message="Optimal order is the")
-    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")  # peft → transformers
 
 
 @app.command(context_settings={"ignore_unknown_options": False})
@@ -144,7 +50,7 @@ def train(
         if os.environ.get("RANK", "0") == "0":
             typer.echo(f"{spec.slug} [{spec.run_id}] already done: {path} (use --force to re-run)")
         return
-    _setup_logging()
+    setup_logging()
     from dpft.engine import distributed
     from dpft.run import AlreadyDone, train_spec
 
@@ -162,7 +68,7 @@ def train(
         return
     except KeyboardInterrupt:
         if os.environ.get("RANK", "0") == "0":
-            _err(_interrupted_message(spec, path, overrides or []))
+            error(_interrupted_message(spec, path, overrides or []))
         raise typer.Exit(130) from None
     if not distributed.in_worker() or os.environ.get("RANK") == "0":
         _print_summary(spec, summary, path)
@@ -224,7 +130,7 @@ def _print_summary(spec, summary: dict, path=None) -> None:
     table.add_row("wall time", f"{summary['wall_time_s']:.1f} s")
     if path is not None:
         table.add_row("run dir", escape(str(path)))
-    _console().print(table)
+    make_console().print(table)
 
 
 @app.command()
@@ -237,7 +143,7 @@ def show(overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HE
     from dpft.config import compose_run
 
     spec = compose_run(overrides or [])
-    console = _console()
+    console = make_console()
     console.print(f"# run id: {spec.run_id}   slug: {spec.slug}", markup=False, highlight=False)
     text = OmegaConf.to_yaml(spec.cfg, resolve=True)
     if console.is_terminal:
@@ -259,7 +165,7 @@ def _overrides_and_paths(tokens: list[str]) -> tuple[list[str], str | None]:
 def _list_sweeps_table(console) -> None:
     from rich.table import Table
 
-    from dpft.sweep import PACKAGE_SWEEPS, list_sweeps
+    from dpft.sweeps.spec import PACKAGE_SWEEPS, list_sweeps
 
     table = Table(title="sweeps: dpft sweep NAME \\[overrides], dpft report NAME", title_justify="left")
     table.add_column("name", style="cyan", no_wrap=True)
@@ -298,14 +204,16 @@ def sweep_cmd(
 ) -> None:
     """Run a paper table: expand NAME's grid, write the plan, run the missing jobs (resumable)."""
 
-    console = _console()
+    console = make_console()
     if not name:
         _list_sweeps_table(console)
         return
     import yaml
 
-    from dpft.launch import EXECUTORS, make_executor, run_plan
-    from dpft.sweep import load_sweep, make_plan, write_plan
+    from dpft.sweeps.executors import EXECUTORS, make_executor
+    from dpft.sweeps.plan import make_plan, write_plan
+    from dpft.sweeps.scheduler import run_plan
+    from dpft.sweeps.spec import load_sweep
 
     if executor not in EXECUTORS:
         raise DpftError(f"unknown executor '{executor}'; choose one of {', '.join(EXECUTORS)}")
@@ -317,7 +225,7 @@ def sweep_cmd(
         if not eq or not key:
             raise DpftError(f"--submitit expects KEY=VALUE, got '{item}'")
         params[key] = yaml.safe_load(value)
-    from dpft.sweep import find_sweep
+    from dpft.sweeps.spec import find_sweep
 
     found = find_sweep(name)
     if not found.read_bytes().strip():  # YAML reads it as null: an empty grid, i.e. one default job
@@ -330,21 +238,21 @@ def sweep_cmd(
     _show_plan(console, plan, plan_path)
     if dry_run:
         return
-    _setup_logging()
+    setup_logging()
     ex = make_executor(executor, plan, force, workers, params)
     if hasattr(ex, "describe"):
         console.print(ex.describe(), highlight=False)
     result = run_plan(plan, ex, force=force, retry_failed=retry_failed, fail_fast=fail_fast, console=console)
-    from dpft.launch import counts
+    from dpft.sweeps.display import counts
 
     c = counts(result.tasks)
     console.print("sweep " + plan.name + ": " + ", ".join(f"{v} {k}" for k, v in sorted(c.items())), highlight=False)
     for t in result.failed:
         console.print(f"  failed {t.job.run_id} {t.job.describe()}: {t.note}", highlight=False, markup=False)
     if result.interrupted:
-        _err("interrupted; run the same command again to resume")
+        error("interrupted; run the same command again to resume")
     elif result.failed:
-        _err(f"{len(result.failed)} job(s) failed" + ("" if retry_failed else "; re-run with --retry-failed"))
+        error(f"{len(result.failed)} job(s) failed" + ("" if retry_failed else "; re-run with --retry-failed"))
     else:
         console.print(f"report: dpft report {name}" + (f" paths.output_dir={plan.output_dir}"
                       if str(plan.output_dir) != "outputs" else ""), highlight=False)
@@ -356,7 +264,7 @@ def _show_plan(console, plan, plan_path) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from dpft.sweep import job_state
+    from dpft.sweeps.plan import job_state
 
     states = [job_state(plan.output_dir, j.run_id) for j in plan.jobs]
     summary = {}
@@ -400,9 +308,10 @@ def report_cmd(
 
 
     from dpft import report as rp
-    from dpft.sweep import load_sweep, make_plan, plan_sweep_file, read_plan
+    from dpft.sweeps.plan import make_plan, plan_sweep_file, read_plan
+    from dpft.sweeps.spec import load_sweep
 
-    console = _console()
+    console = make_console()
     grid_overrides, output_dir = _overrides_and_paths(overrides or [])
     sweep, not_found = None, None
     try:
@@ -481,7 +390,7 @@ def runs_cmd(
         table.add_row(r.run_id, escape(r.slug), f"[{style[st]}]{st}[/]" if st in style else escape(st),
                       f"{r.step}/{r.steps}" if r.steps else str(r.step), browse.fmt_eps(r.epsilon), escape(final),
                       browse.age(r.age_s))
-    _console().print(table)
+    make_console().print(table)
 
 
 @app.command(name="diff")
@@ -499,7 +408,7 @@ def diff_cmd(
 
     output_dir = _output_dir(output_dir)
     ra, rb = (browse.record(store.find_run(output_dir, ref)) for ref in (a, b))
-    console = _console()
+    console = make_console()
     cfg = Table(title=f"config: {ra.run_id} vs {rb.run_id}", title_justify="left")
     for col in ("key", ra.run_id, rb.run_id):
         cfg.add_column(col, overflow="fold")
@@ -543,7 +452,7 @@ def bench(
     from dpft.config import compose_run
     from dpft.engine.train import resolve_device
 
-    _setup_logging()
+    setup_logging()
     spec = compose_run(overrides or [])
     if batch < 1 or length < 1 or steps < 1 or warmup < 0 or (max_batch is not None and max_batch < 1):
         raise DpftError("--batch, --length, --steps and --max-batch must be >= 1, --warmup >= 0")
@@ -575,7 +484,7 @@ def bench(
         if max_batch is not None:
             row.insert(5, fmt(r.get("max_batch"), "d"))
         table.add_row(*row)
-    _console().print(table)
+    make_console().print(table)
 
 
 @app.command()
@@ -595,7 +504,7 @@ def audit(
     """Empirical privacy audit: train once with canaries (one-run audit, Steinke et al. 2023) and
     turn a membership test on them into a lower bound on ε, compared with the claimed ε.
     Exit 1 if the bound exceeds the claim."""
-    _setup_logging()
+    setup_logging()
 
     from dpft.audit import rich_table, run_audit
     from dpft.config import compose_run
@@ -605,12 +514,12 @@ def audit(
         tokens.insert(0, "debug=audit")
     spec = compose_run(tokens)
     res = run_audit(spec, canaries, length, confidence, score=score, force=force)
-    _console().print(rich_table(res))
+    make_console().print(rich_table(res))
     if res.skipped:
         typer.echo(f"already audited: {res.path} (use --force to re-run)")
     r = res.result
     if r["violation"]:
-        _err(f"the empirical ε lower bound {r['epsilon_lower_bound']:.3f} exceeds the claimed ε = "
+        error(f"the empirical ε lower bound {r['epsilon_lower_bound']:.3f} exceeds the claimed ε = "
              f"{r['claimed_epsilon']:.3f} (δ={r['delta']:.3g}) at {100 * r['confidence']:.0f}% confidence: "
              "the mechanism leaks more than it accounts for")
         raise typer.Exit(1)
@@ -620,7 +529,7 @@ def main() -> None:
     try:
         app()
     except BrokenPipeError:  # the reader of our stdout left (`dpft runs | head -3`)
-        _silence_stdout()
+        silence_stdout()
         raise SystemExit(0) from None
 
 

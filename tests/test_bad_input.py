@@ -1,4 +1,9 @@
-"""Bad input: exit 2, one clear line, no traceback, nothing written to the store."""
+"""Bad input: exit 2, one clear line, no traceback, nothing written to the store.
+
+``CASES`` maps a case name to (overrides, expected): the command is always
+``dpft train debug=tiny <overrides>`` in an empty store, and ``expected`` is a substring of the one
+``error: ...`` line it must print. Broken files, hand-edited run directories and the other
+commands are in tests/test_hostile.py."""
 
 from __future__ import annotations
 

@@ -19,10 +19,12 @@ import yaml
 from typer.testing import CliRunner
 
 from dpft import report as rp
+from dpft.report import stats
 from dpft import store
 from dpft.cli import app
 from dpft.errors import DpftError
-from dpft.sweep import Job, Plan, load_sweep, read_plan, write_plan
+from dpft.sweeps.plan import Job, Plan, read_plan, write_plan
+from dpft.sweeps.spec import load_sweep
 
 
 @pytest.fixture(autouse=True)
@@ -45,32 +47,32 @@ def _env(monkeypatch, tmp_path):
     (0, 0, 1.0),                       # every pair tied: no evidence either way
 ])
 def test_sign_test_p_values_by_hand(better, worse, p):
-    assert rp.sign_test_p(better, worse) == pytest.approx(p, rel=1e-12)
+    assert stats.sign_test_p(better, worse) == pytest.approx(p, rel=1e-12)
 
 
 def test_verdicts_and_their_reasons():
-    assert rp.verdict(6, 0, 0.05)[0] == "supported"          # p = 1/32
-    assert rp.verdict(0, 6, 0.05)[0] == "contradicted"
-    v, p, why = rp.verdict(5, 0, 0.05)                       # p = 1/16 > 0.05 although all 5 agree
+    assert stats.verdict(6, 0, 0.05)[0] == "supported"          # p = 1/32
+    assert stats.verdict(0, 6, 0.05)[0] == "contradicted"
+    v, p, why = stats.verdict(5, 0, 0.05)                       # p = 1/16 > 0.05 although all 5 agree
     assert v == "inconclusive" and p == pytest.approx(0.0625) and "smallest possible p 0.0625" in why
-    v, p, why = rp.verdict(8, 2, 0.05)                       # n = 10 could reach α; this split does not
+    v, p, why = stats.verdict(8, 2, 0.05)                       # n = 10 could reach α; this split does not
     assert v == "inconclusive" and "smallest possible" not in why
-    assert rp.verdict(8, 2, 0.2)[0] == "supported"           # the claim's α is honoured
-    assert "every pair is tied" in rp.verdict(0, 0, 0.05)[2]
+    assert stats.verdict(8, 2, 0.2)[0] == "supported"           # the claim's α is honoured
+    assert "every pair is tied" in stats.verdict(0, 0, 0.05)[2]
 
 
 def test_bootstrap_interval_contains_and_excludes_known_values():
     # mean 5.5; the bootstrap standard error of the mean is sd_pop/√n = √8.25/√10 ≈ 0.91, so the 95%
     # interval is about 5.5 ± 1.8: it must contain 5.5 and exclude 3 and 8 (≥ 2.7 standard errors away)
-    lo, hi = rp.bootstrap_ci(list(range(1, 11)), 0.95)
+    lo, hi = stats.bootstrap_ci(list(range(1, 11)), 0.95)
     assert 3 < lo < 5.5 < hi < 8
-    assert (lo, hi) == rp.bootstrap_ci(list(range(1, 11)), 0.95), "seeded: the same data give the same interval"
-    lo90, hi90 = rp.bootstrap_ci(list(range(1, 11)), 0.90)
+    assert (lo, hi) == stats.bootstrap_ci(list(range(1, 11)), 0.95), "seeded: the same data give the same interval"
+    lo90, hi90 = stats.bootstrap_ci(list(range(1, 11)), 0.90)
     assert lo < lo90 < hi90 < hi
-    lo, hi = rp.bootstrap_ci([-1.0, 1.0, -2.0, 2.0, 0.5, -0.5], 0.95)   # mean 0: 0 inside
+    lo, hi = stats.bootstrap_ci([-1.0, 1.0, -2.0, 2.0, 0.5, -0.5], 0.95)   # mean 0: 0 inside
     assert lo < 0 < hi
-    assert rp.bootstrap_ci([3.0, 3.0, 3.0], 0.95) == (3.0, 3.0)        # nothing can vary
-    assert all(math.isnan(x) for x in rp.bootstrap_ci([1.0], 0.95))   # one pair: no interval
+    assert stats.bootstrap_ci([3.0, 3.0, 3.0], 0.95) == (3.0, 3.0)        # nothing can vary
+    assert all(math.isnan(x) for x in stats.bootstrap_ci([1.0], 0.95))   # one pair: no interval
 
 
 # --------------------------------------------------------------------------- a fake run store

@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 from dpft import store
 from dpft.cli import app
 from dpft.config import compose_run
-from dpft.sweep import PACKAGE_SWEEPS, expand, load_sweep, read_plan
+from dpft.sweeps.plan import expand, read_plan
+from dpft.sweeps.spec import PACKAGE_SWEEPS, load_sweep
 
 NOT_PAPER = {"smoke", "default-seeds"}  # the README's smoke grid and the default job's seed study
 PAPER = sorted(p.stem for p in PACKAGE_SWEEPS.glob("*.yaml") if not p.stem.endswith("-cpu") and p.stem not in NOT_PAPER)

@@ -224,7 +224,7 @@ def test_accountant_disagreement_is_shown_in_red(monkeypatch):
     import io
 
     console = Console(record=True, force_terminal=True, width=140, color_system="truecolor", file=io.StringIO())
-    monkeypatch.setattr(cli, "_console", lambda **kw: console)
+    monkeypatch.setattr(cli, "make_console", lambda **kw: console)
     summary = {"metric": "eval/accuracy", "final": 0.5, "best": 0.5, "steps_to_90": None, "steps_to_95": None,
                "target": 0.9, "wall_time_s": 1.0,
                "privacy": {"private": True, "epsilon": 7.9976, "delta": 1.0, "accountant": "rdp",
@@ -388,8 +388,10 @@ def test_runs_lists_filters_and_diff_compares(dpft):
 
 def test_sweep_display_shows_job_steps_and_an_overall_eta(tmp_path):
     from dpft import store
-    from dpft.launch import Display, Task
-    from dpft.sweep import load_sweep, make_plan
+    from dpft.sweeps.display import Display
+    from dpft.sweeps.executors import Task
+    from dpft.sweeps.plan import make_plan
+    from dpft.sweeps.spec import load_sweep
     from rich.console import Console
 
     sweep = tmp_path / "two.yaml"
@@ -503,7 +505,7 @@ def test_sweep_job_state_reads_the_run_lock(tmp_path):
     """A sweep tells a live run from a dead one by its lock, not by the pid in meta.json (which a
     resumed or re-launched job, or another host, makes stale)."""
     from dpft import store
-    from dpft.sweep import job_state
+    from dpft.sweeps.plan import job_state
 
     run = store.run_dir(tmp_path, "abc123")
     run.mkdir(parents=True)

@@ -14,7 +14,9 @@ from omegaconf import OmegaConf
 
 import dpft.methods.denoise as dn
 from conftest import read_run, run_dirs
+from dpft.config import CONF_DIR
 from dpft.methods.denoise import DenoiseWarning, bbp_forward, bbp_inverse, denoise_batch, denoise_matrix, overlaps, shrink
+from dpft.methods.denoise import linalg
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -227,7 +229,7 @@ def test_fast_path_batches_mixed_outcomes():
 
 def test_batched_gpu_form_matches_reference(monkeypatch):
     """The GPU path (whole shape groups batched) run on the CPU: same answers as the reference."""
-    monkeypatch.setattr(dn, "PER_MATRIX_CPU", False)
+    monkeypatch.setattr(linalg, "PER_MATRIX_CPU", False)
     n, m, s = 384, 1536, 0.01
     c = crit(n, m, s)
     Y = torch.stack([s * torch.randn(n, m, generator=_gen(11)),
@@ -243,7 +245,7 @@ def test_batched_gpu_form_matches_reference(monkeypatch):
 @pytest.mark.parametrize("batched", [False, True])
 def test_rank_deficient_and_zero_matrices(monkeypatch, batched):
     """Exactly low-rank inputs make the Krylov space invariant (Lanczos breakdown)."""
-    monkeypatch.setattr(dn, "PER_MATRIX_CPU", not batched)
+    monkeypatch.setattr(linalg, "PER_MATRIX_CPU", not batched)
     n, m, s = 300, 200, 1e-3
     g = _gen(21)
     low = (torch.randn(n, 2, generator=g) @ torch.randn(2, m, generator=g)).contiguous()
@@ -322,7 +324,7 @@ def _tiny_bert():
 def _method(**kw):
     from dpft.methods import PrivacyParams, build_method
 
-    conf = OmegaConf.load(dn.__file__.replace("methods/denoise.py", "conf/method/denoise.yaml"))
+    conf = OmegaConf.load(CONF_DIR / "method" / "denoise.yaml")
     # κ = 1.1: at width 128 Tracy–Widom fluctuations put a noise-only layer above 1.02·edge now
     # and then; these tests are about which tensors change, not about the threshold
     conf = OmegaConf.merge(conf, {"kappa": 1.1}, kw)

@@ -15,7 +15,8 @@ from dpft import report as rp
 from dpft.cli import app
 from dpft.config import compose_run
 from dpft.errors import DpftError
-from dpft.sweep import PACKAGE_SWEEPS, expand, load_sweep, read_plan
+from dpft.sweeps.plan import expand, read_plan
+from dpft.sweeps.spec import PACKAGE_SWEEPS, load_sweep
 
 PAPER_SWEEPS = ["kappa", "norm-correction", "denoise-glue", "denoise-generation", "denoise-ablation", "psasc",
                 "anadp", "grape"]

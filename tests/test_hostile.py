@@ -4,7 +4,29 @@ run directories edited by hand, a full disk — across train, show, sweep, repor
 Every case must end in exactly one `error: ...` line on stderr and exit 2 (no traceback), and leave
 every file already in the store byte-identical (disk-full cases may add files, never temp files or
 half-written ones). tests/test_bad_input.py, test_data.py, test_sweep.py and test_resume.py cover
-other cases; none is repeated here."""
+other cases; none is repeated here.
+
+How to read the table (``CASES``, one entry per case, keyed by "<command>: <what is wrong>")
+-----------------------------------------------------------------------------------------
+Every case starts from a copy ``{w}`` of one pristine working folder (fixture ``pristine``): a
+sweep file ``{w}/hostile.yaml`` (two seeds of debug=tiny), its finished runs, plan and report in
+the store ``{w}/store``, and one finished audit. ``Case(args, expected, setup, disk_full, writes)``:
+
+- ``args``: the ``dpft`` command line. ``{w}`` and ``{store}`` are replaced by the two paths. The
+  prefixes spell common commands: ``S`` = ``paths.output_dir={store}``; ``TRAIN`` a tiny run that
+  is not in the store; ``FINISHED`` one that is (seed 0 of the sweep); ``SST2`` a run on
+  ``task=sst2`` reading ``{w}/data``; ``REPORT`` the sweep's report; ``SWEEPF`` planning
+  ``{w}/s.yaml`` (``--dry-run``).
+- ``expected``: a substring of the single ``error: ...`` line the command must print.
+- ``setup``: what to break in ``{w}`` before the command runs: ``write(rel, content)`` writes a
+  file under ``{w}``; ``in_first_run(name, content)`` overwrites a file of the first finished run
+  (``None``: replaces it with a directory); ``data_dir(train=, dev=, train_name=, dev_name=)``
+  writes ``{w}/data`` (``None`` leaves that file out); ``both(a, b)`` does two; a lambda anything else.
+- ``disk_full``: a file-name fragment; every fsync of a matching file fails with ENOSPC.
+- ``writes``: the command may add files before it fails (disk full); existing ones must still be
+  byte-identical or moved whole to ``attempts/<k>/``.
+
+Adding a case is one line in ``CASES``; the test below runs it and checks all of the above."""
 
 from __future__ import annotations
 

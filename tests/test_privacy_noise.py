@@ -326,7 +326,7 @@ def test_unknown_noise_mode_is_one_line(dpft):
 def test_reports_say_when_epsilon_is_a_simulation():
     from types import SimpleNamespace
 
-    from dpft.report import privacy_note
+    from dpft.report.collect import privacy_note
 
     run = lambda noise, private=True: SimpleNamespace(job=SimpleNamespace(  # noqa: E731
         config={"method": {"private": private}, "privacy": {"noise": noise}}))
@@ -343,7 +343,7 @@ def test_every_shipped_sweep_states_its_noise_mode_and_why():
     import yaml
 
     from dpft.engine.noise import MODES
-    from dpft.sweep import PACKAGE_SWEEPS
+    from dpft.sweeps.spec import PACKAGE_SWEEPS
 
     files = sorted(Path(PACKAGE_SWEEPS).glob("*.yaml"))
     assert len(files) >= 9

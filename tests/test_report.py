@@ -19,10 +19,12 @@ import yaml
 from typer.testing import CliRunner
 
 from dpft import report as rp
+from dpft.report.formats import to_markdown
 from dpft import store
 from dpft.cli import app
 from dpft.errors import DpftError
-from dpft.sweep import Job, Plan, load_sweep, read_plan, write_plan
+from dpft.sweeps.plan import Job, Plan, read_plan, write_plan
+from dpft.sweeps.spec import load_sweep
 
 FIXTURES = Path(__file__).parent / "fixtures" / "report"
 SWEEP_FILE = FIXTURES / "fixture.yaml"
@@ -151,7 +153,7 @@ def test_numbers_follow_from_the_runs(tmp_path):
     empty = cells.loc[("8", "dpsgd", "final")]
     assert empty["n"] == 0 and empty["expected"] == 3 and math.isnan(empty["mean"])
     assert {j.run_id for j in rep.missing} == {"fx8de2", "fx3dp1", "fx8dp0", "fx8dp1", "fx8dp2"}
-    md = rp.to_markdown(rep)
+    md = to_markdown(rep)
     assert "(2/3)" in md and "—" in md and "target = the task's configured reference task.target (sst2 0.9)" in md
 
 

@@ -17,9 +17,10 @@ from dpft import store
 from dpft.cli import app
 from dpft.config import compose_run, list_choices
 from dpft.errors import DpftError
-from dpft.launch import LocalExecutor, run_job
-from dpft.sweep import (PACKAGE_SWEEPS, expand, job_state, list_sweeps, load_sweep, make_plan, parse_sweep_text,
-                        read_plan)
+from dpft.sweeps.executors import LocalExecutor
+from dpft.sweeps.job import run_job
+from dpft.sweeps.plan import expand, job_state, make_plan, read_plan
+from dpft.sweeps.spec import PACKAGE_SWEEPS, list_sweeps, load_sweep, parse_sweep_text
 
 # Expected sizes of the shipped grids: changing one of these files should be a deliberate act.
 SHIPPED = {"kappa": 6 * 2 * 3, "norm-correction": 2 * 2 * 3, "denoise-glue": 2 * (2 * 4 * 2 * 2 * 3), "smoke": 2 * 2,
@@ -124,9 +125,10 @@ def test_shipped_sweep_composes_with_stable_ids(name):
     """First, middle and last job compose, get the run id `dpft train` would give them, the id is
     stable, and the report block names keys those configs have; the full composition of every job
     is in the slow test below."""
-    from dpft import report as rp
+    from dpft.report.labels import MISSING, label_of
+    from dpft.report.spec import as_list, parse_report
     from dpft.config import semantic_config
-    from dpft.sweep import Job, Plan
+    from dpft.sweeps.plan import Job, Plan
 
     sweep = load_sweep(name)
     if not _composable(sweep):
@@ -138,11 +140,11 @@ def test_shipped_sweep_composes_with_stable_ids(name):
     assert ids == [compose_run(points[i]).run_id for i in picks]
     assert len(set(ids)) == len(ids)
     jobs = [Job(s.run_id, s.slug, s.overrides, {}, s.choices, semantic_config(s.cfg)) for s in specs]
-    spec = rp.parse_report(sweep.report, Plan(name, jobs, Path("unused")))
-    keys = spec.rows + spec.cols + spec.over + rp._as_list(spec.curves.get("hue"), "hue") + \
-        rp._as_list(spec.curves.get("panels"), "panels")
+    spec = parse_report(sweep.report, Plan(name, jobs, Path("unused")))
+    keys = spec.rows + spec.cols + spec.over + as_list(spec.curves.get("hue"), "hue") + \
+        as_list(spec.curves.get("panels"), "panels")
     for key in keys:  # every report key labels at least one job (a block may lack a method's knob)
-        assert any(rp.label_of(job, key) != rp.MISSING for job in jobs), key
+        assert any(label_of(job, key) != MISSING for job in jobs), key
 
 
 @pytest.mark.slow

@@ -240,10 +240,10 @@ def available() -> list[str]:
 def _import_all() -> None:
     import importlib
     import pkgutil
+    from pathlib import Path
 
-    import dpft.methods as pkg
-
-    for mod in pkgutil.iter_modules(pkg.__path__):
+    # the folder, not `import dpft.methods`: that package's __init__ imports this module
+    for mod in pkgutil.iter_modules([str(Path(__file__).parent)]):
         if mod.name != "base":
             importlib.import_module(f"dpft.methods.{mod.name}")
 
