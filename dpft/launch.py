@@ -198,11 +198,11 @@ class LocalExecutor:
         if self.workers < 1:
             raise DpftError("--workers must be >= 1")
         self.free = list(range(self.workers))
-        self.logs = plan.sweep_dir / "logs"
+        self.sweep = plan.sweep_dir
 
     def describe(self) -> str:
         gpu = f", GPUs {','.join(self.gpus)} (one per worker)" if self.gpus else ", CPU"
-        return f"local executor, {self.workers} worker(s){gpu}; logs in {self.logs}"
+        return f"local executor, {self.workers} worker(s){gpu}; logs in {self.sweep.logs}"
 
     def capacity(self, running: int) -> int:
         return len(self.free)
@@ -219,10 +219,10 @@ class LocalExecutor:
         return env
 
     def start(self, tasks: list[Task]) -> None:
-        self.logs.mkdir(parents=True, exist_ok=True)
+        self.sweep.logs.mkdir(parents=True, exist_ok=True)
         for t in tasks:
             t.slot = self.free.pop(0)
-            t.log = self.logs / f"{t.job.run_id}.log"
+            t.log = self.sweep.log(t.job.run_id)
             with open(t.log, "a", encoding="utf-8") as f:
                 f.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(job_command(t.job, self.force))}\n")
                 f.flush()
@@ -263,7 +263,7 @@ class SubmititExecutor:
             raise DpftError("the slurm executors need submitit: pip install 'dpft[slurm]'") from None
         self.plan, self.force, self.cluster = plan, force, cluster
         self.name = "slurm" if cluster == "slurm" else "submitit-local"
-        self.folder = plan.sweep_dir / "submitit"
+        self.folder = plan.sweep_dir.submitit
         self.executor = submitit.AutoExecutor(folder=str(self.folder / "%j"), cluster=cluster)
         self.workers = workers
         defaults: dict[str, Any] = {"name": f"dpft-{plan.name}", "timeout_min": 24 * 60}
@@ -355,7 +355,7 @@ def counts(tasks: list[Task]) -> dict[str, int]:
 def _result(plan: Plan, job: Job) -> str:
     from dpft import store
 
-    s = store.read_json(store.run_dir(plan.output_dir, job.run_id) / "summary.json") or {}
+    s = store.Store(plan.output_dir).run(job.run_id).summary() or {}
     if s.get("final") is None:
         return ""
     return f"{s.get('metric', 'metric')} {s['final']:.4f}"
@@ -364,7 +364,7 @@ def _result(plan: Plan, job: Job) -> str:
 def _error_of(plan: Plan, t: Task) -> str:
     from dpft import store
 
-    meta = store.read_json(store.run_dir(plan.output_dir, t.job.run_id) / "meta.json") or {}
+    meta = store.Store(plan.output_dir).run(t.job.run_id).meta() or {}
     if meta.get("error"):
         return str(meta["error"])
     if t.log and Path(t.log).is_file():
@@ -416,10 +416,10 @@ class Display:
         """(last logged step, planned steps) of a job from its run directory."""
         from dpft import store
 
-        path = store.run_dir(self.plan.output_dir, t.job.run_id)
-        meta = store.read_json(path / "meta.json") or {}
+        run = store.Store(self.plan.output_dir).run(t.job.run_id)
+        meta = run.meta() or {}
         steps = meta.get("steps") if meta.get("run_id") == t.job.run_id else None
-        return store.last_step(path / "metrics.jsonl"), steps if isinstance(steps, int) else None
+        return run.last_step(), steps if isinstance(steps, int) else None
 
     def eta(self) -> float | None:
         """Seconds until the sweep is done: each running job's remaining steps at its own pace, plus

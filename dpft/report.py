@@ -13,7 +13,6 @@ an exact sign test and a seeded bootstrap interval; see the README's "Claims" an
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -402,12 +401,12 @@ def load_runs(plan: Plan, spec: ReportSpec) -> tuple[list[RunData], list[Job], d
     _add_unlisted_axes(spec, plan, labels)
     runs, missing = [], []
     for job in plan.jobs:
-        path = store.run_dir(plan.output_dir, job.run_id)
-        if store.run_status(path) != "done":
+        run = store.Store(plan.output_dir).run(job.run_id)
+        if run.status() != "done":
             missing.append(job)
             continue
         target = _flat(job.config).get("task.target")
-        runs.append(RunData(job, labels[job.run_id], store.read_metrics(path / "metrics.jsonl"),
+        runs.append(RunData(job, labels[job.run_id], run.metrics(),
                             float(target) if isinstance(target, (int, float)) else None))
     return runs, missing, labels
 
@@ -1179,8 +1178,7 @@ def render(plan: Plan, block: dict, out_dir: Path, plots: bool = True) -> Report
     if rep.claims:
         outputs.append(("-claims.csv", claims_csv(rep)))
     for suffix, text in outputs:
-        store.atomic_write_text(out_dir / f"{name}{suffix}", text)
-        rep.files.append(out_dir / f"{name}{suffix}")
+        rep.files.append(store.ReportDir(out_dir).write(f"{name}{suffix}", text))
     if plots:
         rep.files += plot_curves(rep, rep.runs, out_dir)
     return rep
@@ -1192,7 +1190,6 @@ def pull_from_wandb(plan: Plan, project: str | None = None, entity: str | None =
     from omegaconf import OmegaConf
 
     from dpft import store
-    from dpft.run import _archive_previous
 
     if api is None:
         try:
@@ -1214,8 +1211,8 @@ def pull_from_wandb(plan: Plan, project: str | None = None, entity: str | None =
         rid = (run.config or {}).get("dpft/run_id")
         if rid not in wanted:
             continue
-        dest = store.run_dir(plan.output_dir, rid)
-        if store.run_status(dest) == "done":
+        dest = store.Store(plan.output_dir).run(rid)
+        if dest.status() == "done":
             stats["already_local"] += 1
             continue
         if getattr(run, "state", "finished") != "finished":
@@ -1232,14 +1229,11 @@ def pull_from_wandb(plan: Plan, project: str | None = None, entity: str | None =
         summary = {k[len("summary/"):]: v for k, v in summary_src.items() if k.startswith("summary/")}
         summary["privacy"] = {k[len("privacy/"):]: v for k, v in summary_src.items() if k.startswith("privacy/")}
         summary.update(run_id=rid, source="wandb")
-        _archive_previous(dest)  # a failed local attempt is kept under attempts/<k>/, as `dpft train` does
-        dest.mkdir(parents=True, exist_ok=True)
-        store.atomic_write_text(dest / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config)))
-        store.atomic_write_text(dest / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(wanted[rid].overrides)))
-        store.atomic_write_text(dest / "metrics.jsonl", "".join(
-            json.dumps(store._jsonable(r), sort_keys=True) + "\n" for r in records))
-        store.atomic_write_json(dest / "summary.json", summary)
-        store.atomic_write_json(dest / "meta.json", {
+        # a failed local attempt is kept under attempts/<k>/, as `dpft train` does
+        dest.begin(OmegaConf.to_yaml(OmegaConf.create(config)), wanted[rid].overrides)
+        dest.write_metrics(records)
+        dest.write_summary(summary)
+        dest.write_meta({
             "run_id": rid, "slug": wanted[rid].slug, "status": "done", "source": "wandb",
             "wandb_run_id": getattr(run, "id", None), "wandb_path": path, "overrides": wanted[rid].overrides,
         })
