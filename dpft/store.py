@@ -125,17 +125,8 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def run_status(path: Path) -> str | None:
-    """done | running | failed | interrupted | None (no run). 'done' needs a readable summary too;
-    a status that is none of these (meta.json edited by hand) counts as failed."""
-    meta = read_json(Path(path) / "meta.json")
-    if meta is None:
-        return None
-    status = meta.get("status")
-    if status not in STATUSES:
-        return "failed"
-    if status == "done" and read_json(Path(path) / "summary.json") is None:
-        return "failed"
-    return status
+    """`RunDir(path).status()`."""
+    return RunDir(path).status()
 
 
 # --------------------------------------------------------------------------- one owner per run
@@ -350,8 +341,17 @@ class RunDir:
     # ---------------------------------------------------------------- reading
 
     def status(self) -> str | None:
-        """done | running | failed | interrupted | None (no run); see `run_status`."""
-        return run_status(self.path)
+        """done | running | failed | interrupted | None (no run). 'done' needs a readable summary
+        too; a status that is none of these (meta.json edited by hand) counts as failed."""
+        meta = self.meta()
+        if meta is None:
+            return None
+        status = meta.get("status")
+        if status not in STATUSES:
+            return "failed"
+        if status == "done" and self.summary() is None:
+            return "failed"
+        return status
 
     def meta(self) -> dict | None:
         return read_json(self.meta_path)
