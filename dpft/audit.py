@@ -280,9 +280,12 @@ class AuditResult:
     skipped: bool = False
 
 
-def audit_dir(output_dir, run_id: str, settings: dict) -> Path:
+def audit_dir(output_dir, run_id: str, settings: dict):
+    """The dpft.store.AuditDir of auditing run `run_id` with `settings` (its id hashes both)."""
+    from dpft import store
+
     blob = json.dumps({"run_id": run_id, **settings}, sort_keys=True)
-    return Path(output_dir) / "audits" / hashlib.sha256(blob.encode()).hexdigest()[:12]
+    return store.Store(output_dir).audit(hashlib.sha256(blob.encode()).hexdigest()[:12])
 
 
 def run_audit(spec, canaries: int, length: int, confidence: float, score: str = "embedding",
@@ -291,13 +294,9 @@ def run_audit(spec, canaries: int, length: int, confidence: float, score: str = 
     write ``<output_dir>/audits/<id>/audit.json`` (plus the run's config, metrics and summary)."""
     import copy
 
-    from omegaconf import OmegaConf
-
-    from dpft import store
     from dpft.engine import train as engine
     from dpft.models import load_tokenizer
-    from dpft.run import _archive_previous
-    from dpft.tracking import NullTracker, Progress
+    from dpft.tracking import Progress, Sinks
 
     if canaries < 10:
         raise DpftError(f"--canaries must be >= 10, got {canaries}")
@@ -310,8 +309,9 @@ def run_audit(spec, canaries: int, length: int, confidence: float, score: str = 
     cfg = spec.cfg
     settings = {"canaries": canaries, "canary_length": length, "confidence": confidence, "score": score,
                 "unsafe_break": UNSAFE_BREAK}
-    path = audit_dir(cfg.paths.output_dir, spec.run_id, settings)
-    previous = store.read_json(path / "audit.json")
+    adir = audit_dir(cfg.paths.output_dir, spec.run_id, settings)
+    path = adir.path
+    previous = adir.result()
     if previous is not None and not force:
         return AuditResult(path, previous, skipped=True)
 
@@ -328,14 +328,12 @@ def run_audit(spec, canaries: int, length: int, confidence: float, score: str = 
         _break_mechanism(prep.method, UNSAFE_BREAK)
     theta0 = copy.deepcopy(prep.model)  # public: the seed's random init (or the public checkpoint)
 
-    _archive_previous(path)
-    path.mkdir(parents=True, exist_ok=True)
-    store.atomic_write_text(path / "config.yaml", engine.config_yaml(spec))
-    progress = Progress(str(cfg.runtime.progress), prep.steps, f"audit {spec.slug}")
+    adir.begin(engine.config_yaml(spec))
+    sinks = Sinks(adir.metrics_sink(), Progress(str(cfg.runtime.progress), prep.steps, f"audit {spec.slug}"))
     try:
-        summary = engine.run(prep, path, NullTracker(), progress)
+        summary = engine.run(prep, adir, sinks)
     finally:
-        progress.close()
+        sinks.close()
 
     scores = score_canaries(score, theta0, prep.model, tokenizer, cans, int(cfg.task.max_length), prep.device,
                             int(cfg.runtime.eval_batch_size))
@@ -367,13 +365,11 @@ def run_audit(spec, canaries: int, length: int, confidence: float, score: str = 
         "refutable": bool(test["epsilon_max_provable"] > claimed),
         "unsafe_broken_mechanism": UNSAFE_BREAK,
     }
-    store.atomic_write_text(path / "canaries.jsonl", "".join(
-        json.dumps({"text": list(t), "label": y, "included": bool(s), "score": float(sc)}) + "\n"
-        for t, y, s, sc in zip(cans.texts, cans.labels, cans.included, scores)))
-    store.atomic_write_text(path / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(spec.overrides))))
-    store.atomic_write_json(path / "meta.json", engine.meta(prep, "done", overrides=list(spec.overrides),
-                                                            audit=settings))
-    store.atomic_write_json(path / "audit.json", result)  # last: its presence means the audit finished
+    adir.write_canaries([{"text": list(t), "label": y, "included": bool(s), "score": float(sc)}
+                         for t, y, s, sc in zip(cans.texts, cans.labels, cans.included, scores)])
+    adir.write_overrides(list(spec.overrides))
+    adir.write_meta(engine.meta(prep, "done", overrides=list(spec.overrides), audit=settings))
+    adir.write_result(result)  # last: its presence means the audit finished
     return AuditResult(path, result)
 
 
@@ -399,6 +395,8 @@ def rich_table(res: AuditResult):
     table.add_row(f"empirical ε ≥ ({100 * r['confidence']:.0f}%)", f"[bold]{fmt(r['epsilon_lower_bound'])}[/]  {verdict}")
     table.add_row("most this audit can show", fmt(r["epsilon_max_provable"])
                   + ("" if r["refutable"] else "  (≤ claimed ε: use more canaries or audit a smaller ε)"))
-    table.caption = str(res.path / "audit.json")
+    from dpft.store import AuditDir
+
+    table.caption = str(AuditDir(res.path).result_path)
     table.caption_justify = "left"
     return table

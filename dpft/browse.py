@@ -1,10 +1,9 @@
 """Find and compare runs in the store without opening hash-named folders: what `dpft runs` and
-`dpft diff` print. Reads only the store's files (meta.json, summary.json, config.yaml, the tail of
-metrics.jsonl); imports no torch."""
+`dpft diff` print. Reads only what the store's run directories hold (meta, summary, config, the
+tail of the metrics); imports no torch."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,20 +26,6 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _load_config(path: Path) -> dict:
-    import yaml
-
-    try:
-        data = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError, UnicodeDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def tail_record(metrics_path: Path, key: str | None = None) -> dict | None:
-    return store.tail_record(metrics_path, key)
-
-
 @dataclass
 class RunRecord:
     path: Path
@@ -60,7 +45,7 @@ class RunRecord:
     @property
     def config(self) -> dict:
         if self._config is None:
-            self._config = flatten(_load_config(self.path))
+            self._config = flatten(store.RunDir(self.path).config())
         return self._config
 
     def value(self, key: str) -> tuple[bool, Any]:
@@ -77,24 +62,20 @@ class RunRecord:
         return False, None
 
 
-def record(path: Path) -> RunRecord:
-    meta = store.read_json(path / "meta.json") or {}
-    summary = store.read_json(path / "summary.json") or {}
-    status = store.run_status(path) or "?"
-    if status == "running" and store.lock_owner(path) is None:
+def record(run: store.RunDir) -> RunRecord:
+    meta = run.meta() or {}
+    summary = run.summary() or {}
+    status = run.status() or "?"
+    if status == "running" and run.owner() is None:
         status = "stale"  # says running, but no process owns the directory (killed without cleanup)
-    last = tail_record(path / "metrics.jsonl")
+    last = run.tail_record()
     eps = (summary.get("privacy") or {}).get("epsilon") if summary else None
     if eps is None:
-        rec = tail_record(path / "metrics.jsonl", "privacy/epsilon")
+        rec = run.tail_record("privacy/epsilon")
         eps = rec.get("privacy/epsilon") if rec else None
-    try:
-        age = time.time() - (path / "meta.json").stat().st_mtime
-    except OSError:
-        age = float("nan")
-    return RunRecord(path=path, run_id=path.name, slug=str(meta.get("slug") or summary.get("slug") or "?"),
+    return RunRecord(path=run.path, run_id=run.run_id, slug=str(meta.get("slug") or summary.get("slug") or "?"),
                      status=status, epsilon=eps, metric=summary.get("metric"), final=summary.get("final"),
-                     age_s=age, step=int(last["step"]) if last else 0,
+                     age_s=run.age_s(), step=int(last["step"]) if last else 0,
                      steps=summary.get("steps") or meta.get("steps"), meta=meta, summary=summary)
 
 

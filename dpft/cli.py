@@ -45,8 +45,9 @@ def train(
 
     check_flags(force, resume or None, restart)
     spec = compose_run(overrides or [])
-    path = store.run_dir(spec.cfg.paths.output_dir, spec.run_id)
-    if store.run_status(path) == "done" and not force:  # before torch & co.: skipping is instant
+    rundir = store.Store(spec.cfg.paths.output_dir).run(spec.run_id)
+    path = rundir.path
+    if rundir.status() == "done" and not force:  # before torch & co.: skipping is instant
         if os.environ.get("RANK", "0") == "0":
             typer.echo(f"{spec.slug} [{spec.run_id}] already done: {path} (use --force to re-run)")
         return
@@ -68,22 +69,20 @@ def train(
         return
     except KeyboardInterrupt:
         if os.environ.get("RANK", "0") == "0":
-            error(_interrupted_message(spec, path, overrides or []))
+            error(_interrupted_message(rundir, overrides or []))
         raise typer.Exit(130) from None
     if not distributed.in_worker() or os.environ.get("RANK") == "0":
         _print_summary(spec, summary, path)
 
 
-def _interrupted_message(spec, path, overrides: list[str]) -> str:
+def _interrupted_message(rundir, overrides: list[str]) -> str:
     """The one line Ctrl-C leaves: where the run stopped and the command that continues it."""
     import shlex
 
-    from dpft import store
-    from dpft.run import CHECKPOINT
-
+    path = rundir.path
     again = " ".join(["dpft", "train", *map(shlex.quote, overrides)])
-    if (path / CHECKPOINT).is_file():
-        return f"interrupted after step {store.last_step(path / 'metrics.jsonl')}; its last checkpoint is in {path}; " \
+    if rundir.has_checkpoint():
+        return f"interrupted after step {rundir.last_step()}; its last checkpoint is in {path}; " \
                f"resume with: {again}"
     return f"interrupted before any checkpoint ({path}); `{again}` starts it again from step 1"
 
@@ -333,7 +332,9 @@ def report_cmd(
     if from_wandb:
         stats = rp.pull_from_wandb(plan, wandb_project, wandb_entity)
         console.print("W&B: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in stats.items()), highlight=False)
-    out_dir = Path(out) if out else Path(output_dir) / "reports" / plan.name
+    from dpft import store
+
+    out_dir = Path(out) if out else store.Store(output_dir).report(plan.name).path
     rep = rp.render(plan, block, out_dir, plots=plots)
     console.print(rp.rich_table(rep))
     if rep.missing:
@@ -370,12 +371,12 @@ def runs_cmd(
     tokens, output_dir = _overrides_and_paths(filters or [])
     output_dir = _output_dir(output_dir)
     wanted = browse.parse_filters(tokens)
-    records = browse.select([browse.record(p) for p in store.list_runs(output_dir)], wanted)
+    records = browse.select([browse.record(r) for r in store.Store(output_dir).runs()], wanted)
     records.sort(key=lambda r: r.age_s)
     total = len(records)
     if limit > 0:
         records = records[:limit]
-    where = escape(str(store.runs_root(output_dir)))
+    where = escape(str(store.Store(output_dir).runs_root))
     shown = f"{len(records)} of {total}" if len(records) < total else str(total)
     table = Table(title=f"{shown} run(s) in {where}" + (escape(f"  ({' '.join(tokens)})") if tokens else ""),
                   title_justify="left")
@@ -407,7 +408,7 @@ def diff_cmd(
     from dpft import browse, store
 
     output_dir = _output_dir(output_dir)
-    ra, rb = (browse.record(store.find_run(output_dir, ref)) for ref in (a, b))
+    ra, rb = (browse.record(store.Store(output_dir).find_run(ref)) for ref in (a, b))
     console = make_console()
     cfg = Table(title=f"config: {ra.run_id} vs {rb.run_id}", title_justify="left")
     for col in ("key", ra.run_id, rb.run_id):

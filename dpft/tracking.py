@@ -1,4 +1,9 @@
-"""Where metrics go besides metrics.jsonl: Weights & Biases (lazy import) and the console."""
+"""Where a run's records go: the metric-sink interface, the fan-out, and the sinks besides the
+run's own metrics file (dpft.store.JsonlSink): Weights & Biases (lazy import), the console's
+progress display, nowhere.
+
+Privacy: a sink receives exactly what the engine publishes (dpft/engine/train.py says which keys
+are outside the DP guarantee); `live` records reach only the local display and are kept nowhere."""
 
 from __future__ import annotations
 
@@ -37,20 +42,61 @@ def wandb_mode(logger_cfg) -> str:
     return mode
 
 
-class NullTracker:
-    run_id = None
+class MetricSink:
+    """Where the training loop's records go (as torchtune's metric loggers). The loop calls `log`
+    with each record it publishes (every ``train.log_every`` steps and at every evaluation: a dict
+    with an int ``step``), `live` with every step's record (displays; nothing is kept),
+    `log_summary` once with the finished run's summary; whoever made the sink calls `close` once
+    with the run's exit code (0: finished)."""
 
-    def log(self, record: dict, step: int) -> None:
+    def log(self, record: dict) -> None:
         pass
 
-    def summary(self, summary: dict) -> None:
+    def live(self, record: dict) -> None:
         pass
 
-    def finish(self, exit_code: int = 0) -> None:
+    def log_summary(self, summary: dict) -> None:
+        pass
+
+    def close(self, exit_code: int = 0) -> None:
         pass
 
 
-class WandbTracker(NullTracker):
+class NullSink(MetricSink):
+    """Nowhere: data-parallel workers other than rank 0, or a run that logs nothing."""
+
+
+class Sinks(MetricSink):
+    """Fan-out: hands each record to every sink, in order; `close` closes them all, and re-raises
+    the first failure only after the rest are closed."""
+
+    def __init__(self, *sinks: MetricSink):
+        self.sinks = [s for s in sinks if s is not None]
+
+    def log(self, record: dict) -> None:
+        for s in self.sinks:
+            s.log(record)
+
+    def live(self, record: dict) -> None:
+        for s in self.sinks:
+            s.live(record)
+
+    def log_summary(self, summary: dict) -> None:
+        for s in self.sinks:
+            s.log_summary(summary)
+
+    def close(self, exit_code: int = 0) -> None:
+        error = None
+        for s in self.sinks:
+            try:
+                s.close(exit_code)
+            except BaseException as e:  # noqa: BLE001 - closed the others first
+                error = error or e
+        if error is not None:
+            raise error
+
+
+class WandbSink(MetricSink):
     """One W&B run per dpft run, living inside the run directory; always finished."""
 
     def __init__(self, logger_cfg, run_dir: Path, config: dict, name: str, run_id: str, mode: str,
@@ -71,32 +117,39 @@ class WandbTracker(NullTracker):
         # again would give `wandb sync` two overlapping segments, so they are not re-sent.
         self.logged_through = int(logged_through or 0)
 
-    def log(self, record: dict, step: int) -> None:
+    def log(self, record: dict) -> None:
+        step = int(record["step"])
         if step <= self.logged_through:
             return
         self.run.log({k: v for k, v in record.items() if k != "step"}, step=step)
 
-    def summary(self, summary: dict) -> None:
+    def log_summary(self, summary: dict) -> None:
+        if summary.get("test_metrics"):  # generation tasks: the test tables, decoded after the last step
+            self.log({"step": summary["steps"], **{f"test/{k}": v for k, v in summary["test_metrics"].items()}})
         flat = {f"summary/{k}": v for k, v in summary.items() if isinstance(v, (int, float, str)) or v is None}
         flat.update({f"privacy/{k}": v for k, v in summary.get("privacy", {}).items()
                      if isinstance(v, (int, float, str, bool))})
         self.run.summary.update(flat)
 
-    def finish(self, exit_code: int = 0) -> None:
-        self.run.finish(exit_code=exit_code)
+    def close(self, exit_code: int = 0) -> None:
+        try:
+            self.run.finish(exit_code=exit_code)
+        except Exception as e:  # pragma: no cover - tracker trouble never masks the run's status
+            log.warning("W&B finish failed: %s", e)
 
 
-def make_tracker(cfg, run_dir: Path, config: dict, name: str, run_id: str, resume_id: str | None = None,
-                 logged_through: int = 0):
+def wandb_sink(cfg, run_dir: Path, config: dict, name: str, run_id: str, resume_id: str | None = None,
+               logged_through: int = 0) -> WandbSink | None:
+    """The run's W&B sink, or None when W&B is disabled or cannot start (tracking never costs a run)."""
     mode = wandb_mode(cfg.logger)
     if mode == "disabled":
-        return NullTracker()
+        return None
     try:
-        return WandbTracker(cfg.logger, run_dir, config, name, run_id, mode, resume_id,
-                            logged_through if resume_id else 0)
+        return WandbSink(cfg.logger, run_dir, config, name, run_id, mode, resume_id,
+                         logged_through if resume_id else 0)
     except Exception as e:  # tracking must never cost a run
         log.warning("W&B disabled for this run: %s", " ".join(str(e).split())[:200])
-        return NullTracker()
+        return None
 
 
 def _fmt_eta(seconds: float | None) -> str:
@@ -112,7 +165,7 @@ def _fmt_eps(v) -> str:
     return "∞" if v == float("inf") else f"{v:.3g}"
 
 
-class Progress:
+class Progress(MetricSink):
     """Live rich progress on a terminal (laid out to fit 80 columns); in a pipe, one plain line
     every `every` steps (about 20 per run, and every eval) with step, loss, ε spent and ETA.
 
@@ -174,6 +227,9 @@ class Progress:
             print(f"[{self.title}] step {step}/{self.total}  {self.info()}  eta {_fmt_eta(self.eta(step))}",
                   file=sys.stderr, flush=True)
 
-    def close(self) -> None:
+    def live(self, record: dict) -> None:
+        self.update(int(record["step"]), record)
+
+    def close(self, exit_code: int = 0) -> None:
         if self._bar is not None:
             self._bar.stop()

@@ -23,17 +23,19 @@ def _train_in_process(tmp_path: Path, *overrides: str):
     """Train through the engine's own entry points; returns (metrics, summary, final weights)."""
     from dpft.config import compose_run
     from dpft.engine import train as engine
-    from dpft.tracking import NullTracker, Progress
+    from dpft.store import RunDir
 
     spec = compose_run([*TINY, f"paths.output_dir={tmp_path}", *overrides])
     prep = engine.prepare(spec)
-    path = tmp_path / spec.run_id
-    path.mkdir(parents=True, exist_ok=True)
-    summary = engine.run(prep, path, NullTracker(), Progress("none", prep.steps, spec.slug))
-    from dpft.store import read_metrics
-
+    run = RunDir(tmp_path / spec.run_id)
+    run.path.mkdir(parents=True, exist_ok=True)
+    sink = run.metrics_sink()
+    try:
+        summary = engine.run(prep, run, sink)
+    finally:
+        sink.close()
     weights = {n: p.detach().clone() for n, p in prep.model.named_parameters() if p.requires_grad}
-    return read_metrics(path / "metrics.jsonl"), summary, weights
+    return run.metrics(), summary, weights
 
 
 def _same_weights(a: dict, b: dict) -> bool:
@@ -104,16 +106,21 @@ def test_the_noise_key_is_never_written(tmp_path, monkeypatch):
     from dpft.config import compose_run
     from dpft.engine import checkpoint as ckpt
     from dpft.engine import train as engine
-    from dpft.tracking import NullTracker, Progress
+    from dpft.store import RunDir
 
     spec = compose_run([*TINY[:-1], "runtime.checkpoint_every=1", f"paths.output_dir={tmp_path}"])
     prep = engine.prepare(spec)
     path = tmp_path / "run"
     path.mkdir()
+    run = RunDir(path)
     saved = []
     real_save = ckpt.save
     monkeypatch.setattr(ckpt, "save", lambda p, state: (saved.append(dict(state)), real_save(p, state)))
-    engine.run(prep, path, NullTracker(), Progress("none", prep.steps, spec.slug))
+    sink = run.metrics_sink()
+    try:
+        engine.run(prep, run, sink)
+    finally:
+        sink.close()
     assert saved, "no checkpoint was taken"
     source = noise_mod.NoiseSource("secure", key)
     needles = [key.hex(), str(int.from_bytes(key, "big"))]
@@ -263,13 +270,15 @@ def test_resume_charges_released_steps_in_secure_mode(tmp_path, dpft, monkeypatc
 
 def test_checkpoints_are_owner_only_whatever_the_umask(tmp_path):
     from dpft.engine import checkpoint as ckpt
+    from dpft.store import RunDir
 
+    where = RunDir(tmp_path).checkpoint
     old = os.umask(0)
     try:
-        ckpt.save(tmp_path / ckpt.NAME, {"run_id": "x", "step": 1})
+        ckpt.save(where, {"run_id": "x", "step": 1})
     finally:
         os.umask(old)
-    assert (tmp_path / ckpt.NAME).stat().st_mode & 0o777 == 0o600
+    assert where.stat().st_mode & 0o777 == 0o600
 
 
 # -- what runs publish; δ -------------------------------------------------------------------------

@@ -27,7 +27,6 @@ from dpft import __version__
 from dpft.errors import DpftError
 
 FORMAT = 1
-NAME = "checkpoint.pt"
 
 
 def save(path: Path, state: dict) -> None:

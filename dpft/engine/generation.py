@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-from pathlib import Path
 
 import torch
 
@@ -179,18 +178,15 @@ class GenerationEval:
         """Decode at this eval step? Every eval when ``every`` is null, else multiples of it and the last."""
         return self.every is None or step == last or step % self.every == 0
 
-    def score(self, model, device, batch_size: int, split: str = "eval", out_dir: Path | None = None,
-              step: int | None = None) -> dict:
+    def score(self, model, device, batch_size: int, split: str = "eval", out=None, step: int | None = None) -> dict:
+        """Decode `split` and score it; `out` (a dpft.store.RunDir) keeps the latest decode."""
         from dpft.engine.nlg_metrics import corpus_metrics
 
         tables, refs = (self.tables, self.refs) if split == "eval" else self.test
         hyps = generate(model, self.codec, tables, device, batch_size, self.cfg, self.max_length)
         metrics = corpus_metrics(hyps, refs, lowercase=bool(self.cfg.get("lowercase", False)))
         metrics["empty_frac"] = sum(1 for h in hyps if not h) / len(hyps)
-        if out_dir is not None:  # the latest decode of each split, for inspection and re-scoring
-            from dpft import store
-
-            lines = [json.dumps({"step": step, "table": t, "output": h, "references": r}, ensure_ascii=False)
-                     for t, h, r in zip(tables, hyps, refs)]
-            store.atomic_write_text(Path(out_dir) / f"generations_{split}.jsonl", "\n".join(lines) + "\n")
+        if out is not None:  # the latest decode of each split, for inspection and re-scoring
+            out.write_generations(split, [json.dumps({"step": step, "table": t, "output": h, "references": r},
+                                                     ensure_ascii=False) for t, h, r in zip(tables, hyps, refs)])
         return metrics

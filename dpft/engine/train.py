@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from dpft import __version__, store
+from dpft import __version__
 from dpft.config import RunSpec
 from dpft.data.tasks import TaskData, is_generation, load_task
 from dpft.engine import accountant as acct
@@ -38,6 +38,8 @@ from dpft.engine import noise
 from dpft.engine.step import Batch, dp_step, nonprivate_step
 from dpft.errors import DpftError
 from dpft.methods import PrivacyParams, build_method
+from dpft.store import RunDir
+from dpft.tracking import MetricSink
 
 log = logging.getLogger("dpft")
 
@@ -274,8 +276,9 @@ def attach_hooks(model, mode: str, clip_norm: float):
     return ClipHooks(model, batch_first=True, loss_reduction="sum", strict=False, max_grad_norm=clip_norm)
 
 
-def run(prep: Prepared, run_path: Path, tracker, progress, resume: dict | None = None) -> dict:
-    """Train and write metrics.jsonl / summary.json into `run_path`. Returns the summary.
+def run(prep: Prepared, rundir: RunDir, sinks: MetricSink, resume: dict | None = None) -> dict:
+    """Train; hand each record to `sinks` (dpft/tracking.py) and keep the checkpoints, the summary
+    and the generations in `rundir` (dpft/store.py: the engine names no file). Returns the summary.
     `resume` is a loaded checkpoint: training continues after its step with its exact state."""
     from dpft.engine import checkpoint as ckpt
 
@@ -324,7 +327,7 @@ def run(prep: Prepared, run_path: Path, tracker, progress, resume: dict | None =
     evals: list[dict] = []
     lost = 0
     if resume is not None:
-        ckpt.check_data(resume, data_fp, run_path / ckpt.NAME)
+        ckpt.check_data(resume, data_fp, rundir.checkpoint)
         with torch.no_grad():
             for name, value in resume["model"].items():
                 params[name].copy_(value.to(device))
@@ -337,7 +340,7 @@ def run(prep: Prepared, run_path: Path, tracker, progress, resume: dict | None =
             if not source.reproducible:
                 # fresh noise from here on: steps after the checkpoint that were already logged
                 # (and so possibly released) before the crash were a separate release — charge them
-                lost = _logged_after(run_path / "metrics.jsonl", start - 1)
+                lost = rundir.logged_after(start - 1)
                 for _ in range(lost):
                     accountant.step(noise_multiplier=method.noise_multiplier(), sample_rate=prep.sample_rate)
         else:
@@ -345,14 +348,14 @@ def run(prep: Prepared, run_path: Path, tracker, progress, resume: dict | None =
         logged_keys = set(resume.get("logged_keys", []))
         evals = [dict(e) for e in resume["evals"]]
         if main:
-            _truncate_metrics(run_path / "metrics.jsonl", start - 1)
+            rundir.truncate_metrics(start - 1)
     if dist is not None:
         dist.broadcast_(params.values())
     if method.private:
         hooks = attach_hooks(model, mode, privacy.clip_norm)
 
     def save_checkpoint(step: int) -> None:
-        ckpt.save(run_path / ckpt.NAME, {
+        ckpt.save(rundir.checkpoint, {
             "run_id": prep.spec.run_id, "step": step,
             "model": {k: v.detach().cpu() for k, v in params.items()},
             "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
@@ -367,7 +370,6 @@ def run(prep: Prepared, run_path: Path, tracker, progress, resume: dict | None =
             "wall_time_s": time.time() - t0 + (float(resume.get("wall_time_s", 0.0)) if resume else 0.0),
         })
 
-    metrics = store.MetricsWriter(run_path / "metrics.jsonl") if main else store.NullWriter()
     eval_steps = _eval_steps(cfg, prep.steps)
     primary = str(cfg.task.metric)
     t0 = time.time()
@@ -416,15 +418,14 @@ def run(prep: Prepared, run_path: Path, tracker, progress, resume: dict | None =
                 ev = evaluate(model, prep.eval_enc, device, int(cfg.runtime.eval_batch_size), cfg.task)
                 if prep.gen is not None and prep.gen.due(step, prep.steps):
                     ev.update(prep.gen.score(model, device, int(cfg.runtime.eval_batch_size), "eval",
-                                             run_path, step))
+                                             rundir, step))
                 record.update({f"eval/{k}": v for k, v in ev.items()})
                 record.update(_privacy_record(method, privacy, eps))
                 evals.append({"step": step, **ev})
             if step % log_every == 0 or step in eval_steps:
-                metrics.write(record)
-                tracker.log(record, step)
+                sinks.log(record)
                 logged_keys.update(k for k in record if k.startswith(NONPRIVATE_PREFIX))
-            progress.update(step, record)
+            sinks.live(record)
             if stop.requested if dist is None else dist.any(stop.requested):
                 # SIGTERM/SIGINT: checkpoint at this step boundary, then stop
                 if step < prep.steps and main:
@@ -434,7 +435,6 @@ def run(prep: Prepared, run_path: Path, tracker, progress, resume: dict | None =
                 save_checkpoint(step)
     finally:
         stop.restore()
-        metrics.close()
         if hooks is not None:
             hooks.cleanup()
 
@@ -451,12 +451,11 @@ def run(prep: Prepared, run_path: Path, tracker, progress, resume: dict | None =
     if not main:  # rank 0 alone evaluates and writes the run
         return summary
     if prep.gen is not None and prep.gen.test is not None:  # the test tables, decoded once at the end
-        test = prep.gen.score(model, device, int(cfg.runtime.eval_batch_size), "test", run_path, prep.steps)
-        summary["test_metrics"] = test
-        tracker.log({f"test/{k}": v for k, v in test.items()}, prep.steps)
-    store.atomic_write_json(run_path / "summary.json", summary)
-    tracker.summary(summary)
-    (run_path / ckpt.NAME).unlink(missing_ok=True)  # done: the summary and metrics are the record
+        summary["test_metrics"] = prep.gen.score(model, device, int(cfg.runtime.eval_batch_size), "test", rundir,
+                                                 prep.steps)
+    rundir.write_summary(summary)
+    sinks.log_summary(summary)
+    rundir.remove_checkpoint()  # done: the summary and metrics are the record
     return summary
 
 
@@ -486,22 +485,6 @@ class _DeferredSignals:
 
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
-
-
-def _logged_after(path: Path, last_step: int) -> int:
-    """How many steps after `last_step` have a record in metrics.jsonl (released, as far as the
-    run can know: W&B logs the same records after they are written here)."""
-    return len({int(r["step"]) for r in store.read_metrics(path) if int(r.get("step", 0)) > last_step})
-
-
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Keep the records of steps ≤ last_step (written before the checkpoint); later ones are
-    recomputed after the resume (identically under privacy.noise=seeded, with fresh noise and
-    charged again otherwise: `_logged_after`)."""
-    keep = [r for r in store.read_metrics(path) if int(r.get("step", 0)) <= last_step]
-    import json
-
-    store.atomic_write_text(path, "".join(json.dumps(store._jsonable(r), sort_keys=True) + "\n" for r in keep))
 
 
 def _fingerprint(p) -> tuple[float, float]:

@@ -65,12 +65,12 @@ def load_runs(plan: Plan, spec: ReportSpec) -> tuple[list[RunData], list[Job], d
     _add_unlisted_axes(spec, plan, labels)
     runs, missing = [], []
     for job in plan.jobs:
-        path = store.run_dir(plan.output_dir, job.run_id)
-        if store.run_status(path) != "done":
+        run = store.Store(plan.output_dir).run(job.run_id)
+        if run.status() != "done":
             missing.append(job)
             continue
         target = flat_config(job.config).get("task.target")
-        runs.append(RunData(job, labels[job.run_id], store.read_metrics(path / "metrics.jsonl"),
+        runs.append(RunData(job, labels[job.run_id], run.metrics(),
                             float(target) if isinstance(target, (int, float)) else None))
     return runs, missing, labels
 

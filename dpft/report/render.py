@@ -22,8 +22,7 @@ def render(plan: Plan, block: dict, out_dir: Path, plots: bool = True) -> Report
     if rep.claims:
         outputs.append(("-claims.csv", claims_csv(rep)))
     for suffix, text in outputs:
-        store.atomic_write_text(out_dir / f"{name}{suffix}", text)
-        rep.files.append(out_dir / f"{name}{suffix}")
+        rep.files.append(store.ReportDir(out_dir).write(f"{name}{suffix}", text))
     if plots:
         rep.files += plot_curves(rep, rep.runs, out_dir)
     return rep

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 from dpft.errors import DpftError
 from dpft.sweeps.plan import Plan
 
@@ -14,7 +12,6 @@ def pull_from_wandb(plan: Plan, project: str | None = None, entity: str | None =
     from omegaconf import OmegaConf
 
     from dpft import store
-    from dpft.run import _archive_previous
 
     if api is None:
         try:
@@ -36,8 +33,8 @@ def pull_from_wandb(plan: Plan, project: str | None = None, entity: str | None =
         rid = (run.config or {}).get("dpft/run_id")
         if rid not in wanted:
             continue
-        dest = store.run_dir(plan.output_dir, rid)
-        if store.run_status(dest) == "done":
+        dest = store.Store(plan.output_dir).run(rid)
+        if dest.status() == "done":
             stats["already_local"] += 1
             continue
         if getattr(run, "state", "finished") != "finished":
@@ -54,14 +51,11 @@ def pull_from_wandb(plan: Plan, project: str | None = None, entity: str | None =
         summary = {k[len("summary/"):]: v for k, v in summary_src.items() if k.startswith("summary/")}
         summary["privacy"] = {k[len("privacy/"):]: v for k, v in summary_src.items() if k.startswith("privacy/")}
         summary.update(run_id=rid, source="wandb")
-        _archive_previous(dest)  # a failed local attempt is kept under attempts/<k>/, as `dpft train` does
-        dest.mkdir(parents=True, exist_ok=True)
-        store.atomic_write_text(dest / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config)))
-        store.atomic_write_text(dest / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(wanted[rid].overrides)))
-        store.atomic_write_text(dest / "metrics.jsonl", "".join(
-            json.dumps(store._jsonable(r), sort_keys=True) + "\n" for r in records))
-        store.atomic_write_json(dest / "summary.json", summary)
-        store.atomic_write_json(dest / "meta.json", {
+        # a failed local attempt is kept under attempts/<k>/, as `dpft train` does
+        dest.begin(OmegaConf.to_yaml(OmegaConf.create(config)), wanted[rid].overrides)
+        dest.write_metrics(records)
+        dest.write_summary(summary)
+        dest.write_meta({
             "run_id": rid, "slug": wanted[rid].slug, "status": "done", "source": "wandb",
             "wandb_run_id": getattr(run, "id", None), "wandb_path": path, "overrides": wanted[rid].overrides,
         })

@@ -24,7 +24,7 @@ def counts(tasks: list[Task]) -> dict[str, int]:
 def _result(plan: Plan, job: Job) -> str:
     from dpft import store
 
-    s = store.read_json(store.run_dir(plan.output_dir, job.run_id) / "summary.json") or {}
+    s = store.Store(plan.output_dir).run(job.run_id).summary() or {}
     if s.get("final") is None:
         return ""
     return f"{s.get('metric', 'metric')} {s['final']:.4f}"
@@ -72,10 +72,10 @@ class Display:
         """(last logged step, planned steps) of a job from its run directory."""
         from dpft import store
 
-        path = store.run_dir(self.plan.output_dir, t.job.run_id)
-        meta = store.read_json(path / "meta.json") or {}
+        run = store.Store(self.plan.output_dir).run(t.job.run_id)
+        meta = run.meta() or {}
         steps = meta.get("steps") if meta.get("run_id") == t.job.run_id else None
-        return store.last_step(path / "metrics.jsonl"), steps if isinstance(steps, int) else None
+        return run.last_step(), steps if isinstance(steps, int) else None
 
     def eta(self) -> float | None:
         """Seconds until the sweep is done: each running job's remaining steps at its own pace, plus

@@ -120,11 +120,11 @@ class LocalExecutor:
         if self.workers < 1:
             raise DpftError("--workers must be >= 1")
         self.free = list(range(self.workers))
-        self.logs = plan.sweep_dir / "logs"
+        self.sweep = plan.sweep_dir
 
     def describe(self) -> str:
         gpu = f", GPUs {','.join(self.gpus)} (one per worker)" if self.gpus else ", CPU"
-        return f"local executor, {self.workers} worker(s){gpu}; logs in {self.logs}"
+        return f"local executor, {self.workers} worker(s){gpu}; logs in {self.sweep.logs}"
 
     def capacity(self, running: int) -> int:
         return len(self.free)
@@ -141,10 +141,10 @@ class LocalExecutor:
         return env
 
     def start(self, tasks: list[Task]) -> None:
-        self.logs.mkdir(parents=True, exist_ok=True)
+        self.sweep.logs.mkdir(parents=True, exist_ok=True)
         for t in tasks:
             t.slot = self.free.pop(0)
-            t.log = self.logs / f"{t.job.run_id}.log"
+            t.log = self.sweep.log(t.job.run_id)
             with open(t.log, "a", encoding="utf-8") as f:
                 f.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(job_command(t.job, self.force))}\n")
                 f.flush()
@@ -185,7 +185,7 @@ class SubmititExecutor:
             raise DpftError("the slurm executors need submitit: pip install 'dpft[slurm]'") from None
         self.plan, self.force, self.cluster = plan, force, cluster
         self.name = "slurm" if cluster == "slurm" else "submitit-local"
-        self.folder = plan.sweep_dir / "submitit"
+        self.folder = plan.sweep_dir.submitit
         self.executor = submitit.AutoExecutor(folder=str(self.folder / "%j"), cluster=cluster)
         self.workers = workers
         defaults: dict[str, Any] = {"name": f"dpft-{plan.name}", "timeout_min": 24 * 60}

@@ -173,16 +173,15 @@ class Plan:
     grid_points: int = 0
 
     @property
-    def sweep_dir(self) -> Path:
-        return sweep_dir(self.output_dir, self.name)
+    def sweep_dir(self):
+        """The plan's dpft.store.SweepDir."""
+        from dpft import store
+
+        return store.Store(self.output_dir).sweep(self.name)
 
     @property
     def duplicates(self) -> int:
         return self.grid_points - len(self.jobs)
-
-
-def sweep_dir(output_dir: str | os.PathLike, name: str) -> Path:
-    return Path(output_dir) / "sweeps" / name
 
 
 def _axis_values(job: list[str], axes: list[str]) -> dict[str, str]:
@@ -232,25 +231,18 @@ def make_plan(sweep: SweepFile, cli_overrides: Iterable[str] = (),
 def write_plan(plan: Plan, sweep: SweepFile) -> Path:
     """plan.jsonl (one resolved job per line) and a copy of the sweep file, so the plan can be
     reported on later even if the file changes or lives elsewhere."""
-    from dpft import store
-
-    d = plan.sweep_dir
-    lines = [json.dumps(store._jsonable(asdict(j)), sort_keys=True) for j in plan.jobs]
-    store.atomic_write_text(d / "plan.jsonl", "\n".join(lines) + "\n")
-    store.atomic_write_text(d / "sweep.yaml", sweep.text)
-    store.atomic_write_json(d / "sweep.json", {
+    return plan.sweep_dir.write_plan([asdict(j) for j in plan.jobs], sweep.text, {
         "name": plan.name, "source": plan.source, "cli_overrides": plan.cli_overrides,
         "sha256": hashlib.sha256(sweep.text.encode()).hexdigest(), "jobs": len(plan.jobs),
         "grid_points": plan.grid_points,
     })
-    return d / "plan.jsonl"
 
 
 def read_plan(output_dir: str | os.PathLike, name: str) -> Plan | None:
     from dpft import store
 
-    d = sweep_dir(output_dir, name)
-    path = d / "plan.jsonl"
+    d = store.Store(output_dir).sweep(name)
+    path = d.plan_path
     if not path.is_file():
         return None
     jobs = []
@@ -266,14 +258,14 @@ def read_plan(output_dir: str | os.PathLike, name: str) -> Plan | None:
         except (json.JSONDecodeError, TypeError) as e:
             raise DpftError(f"{path}:{n}: not a plan line ({e}); "
                             f"re-create it with `dpft sweep {name} --dry-run`") from None
-    info = store.read_json(d / "sweep.json") or {}
+    info = d.info() or {}
     return Plan(name=name, jobs=jobs, output_dir=Path(output_dir), source=info.get("source", ""),
                 cli_overrides=info.get("cli_overrides", []), grid_points=info.get("grid_points", len(jobs)))
 
 
 def plan_sweep_file(plan: Plan) -> SweepFile | None:
     """The frozen copy of the sweep file written next to the plan."""
-    p = plan.sweep_dir / "sweep.yaml"
+    p = plan.sweep_dir.frozen_sweep
     if not p.is_file():
         return None
     return read_sweep_file(p, plan.name)
@@ -283,44 +275,10 @@ def job_state(output_dir: str | os.PathLike, run_id: str) -> str:
     """missing | done | failed | interrupted | running (alive) | stale (a dead 'running')."""
     from dpft import store
 
-    path = store.run_dir(output_dir, run_id)
-    status = store.run_status(path)
+    run = store.Store(output_dir).run(run_id)
+    status = run.status()
     if status is None:
         return "missing"
     if status == "running":
-        return "running" if run_alive(path) else "stale"
+        return "running" if run.alive() else "stale"
     return status
-
-
-# A run on another host cannot be probed by pid; metrics.jsonl is appended every logged step, so a
-# run whose files have not changed for this long is taken to be dead (killed without cleanup).
-STALE_AFTER_S = 15 * 60
-
-
-def run_alive(path: Path) -> bool:
-    import socket
-    import time
-
-    from dpft import store
-
-    # the run-directory lock (dpft/store.py) is exact: the kernel drops it whatever way its owner died
-    if store.lock_owner(Path(path)) is not None:
-        return True
-    if store.lock_path(Path(path)).exists():
-        return False
-    # runs from before the lock, or whose lock file was removed: the pid, else the staleness guess
-    meta = store.read_json(Path(path) / "meta.json") or {}
-    pid, host = meta.get("pid"), meta.get("host")
-    if host == socket.gethostname() and isinstance(pid, int):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            # a recycled pid belongs to some other program
-            return b"dpft" in cmdline or b"submitit" in cmdline
-        except OSError:
-            try:
-                os.kill(pid, 0)
-                return True
-            except OSError:
-                return False
-    newest = max((p.stat().st_mtime for p in Path(path).glob("*") if p.is_file()), default=0)
-    return time.time() - newest < STALE_AFTER_S

@@ -40,7 +40,7 @@ def initial_tasks(plan: Plan, force: bool, retry_failed: bool) -> list[Task]:
 def _error_of(plan: Plan, t: Task) -> str:
     from dpft import store
 
-    meta = store.read_json(store.run_dir(plan.output_dir, t.job.run_id) / "meta.json") or {}
+    meta = store.Store(plan.output_dir).run(t.job.run_id).meta() or {}
     if meta.get("error"):
         return str(meta["error"])
     if t.log and Path(t.log).is_file():
