@@ -86,9 +86,9 @@ def train_spec(spec: RunSpec, force: bool = False, resume: bool | None = None, r
             raise DpftError(f"--resume: no checkpoint in {path} ("
                             + (f"the run is {status}, stopped before its first checkpoint" if status else
                                "no such run yet") + "); run without --resume to start it from step 1")
-        from dpft.engine import train as engine
+        from dpft.engine.prepare import prepare
 
-        prep = engine.prepare(spec)  # bad input fails here, before anything is written
+        prep = prepare(spec)  # bad input fails here, before anything is written
         if dist is not None and not dist.is_main:  # data-parallel worker: computes, writes nothing
             return _train_worker(spec, prep, path, dist)
         return _train_main(spec, prep, path, fresh, dist, notify)
@@ -113,6 +113,7 @@ def _train_worker(spec: RunSpec, prep, path: Path, dist) -> dict:
 
 def _train_main(spec: RunSpec, prep, path: Path, fresh: bool, dist, notify) -> dict:
     from dpft.engine import checkpoint as ckpt
+    from dpft.engine import ledger
     from dpft.engine import train as engine
     from dpft.tracking import Progress, make_tracker
 
@@ -129,7 +130,7 @@ def _train_main(spec: RunSpec, prep, path: Path, fresh: bool, dist, notify) -> d
         before = store.run_status(path)
         archived = _archive_previous(path)
         path.mkdir(parents=True, exist_ok=True)
-        store.atomic_write_text(path / "config.yaml", engine.config_yaml(spec))
+        store.atomic_write_text(path / "config.yaml", ledger.config_yaml(spec))
         store.atomic_write_text(path / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(spec.overrides))))
         if archived is not None:
             why = "--force" if before == "done" else ("--restart" if fresh else "no checkpoint to resume")
@@ -150,7 +151,7 @@ def _train_main(spec: RunSpec, prep, path: Path, fresh: bool, dist, notify) -> d
                + "(--restart starts over)")
     if dist is not None:
         dist.barrier()
-    meta = engine.meta(prep, "running", overrides=list(spec.overrides), choices=spec.choices, steps=prep.steps)
+    meta = ledger.meta(prep, "running", overrides=list(spec.overrides), choices=spec.choices, steps=prep.steps)
     if dist is not None:
         meta["world_size"] = dist.world
     if state is not None:
