@@ -17,7 +17,6 @@ data).
 
 from __future__ import annotations
 
-import logging
 import time
 from pathlib import Path
 
@@ -33,8 +32,6 @@ from dpft.engine.prepare import Prepared
 from dpft.engine.stepper import Stepper
 from dpft.errors import DpftError
 from dpft.methods import PrivacyParams
-
-log = logging.getLogger("dpft")
 
 NONPRIVATE_PREFIX = "train/"
 
