@@ -182,7 +182,8 @@ def _build_path(base, cfg, path: str, chunks: list[Batch], batch_size: int, tota
                              expected_batch_size=float(batch_size), steps=total_steps, delta=1e-5)
                if method.private else None)
     # the configured privacy.noise: the default secure mode's float guard is part of the step's cost
-    noise = NoiseSource.create(str(cfg.privacy.get("noise", "secure")), int(cfg.seed), "bench") if method.private else None
+    noise = (NoiseSource.create(str(cfg.privacy.get("noise", "secure")), int(cfg.seed), "bench")
+             if method.private else None)
     stepper = Stepper(model, method, cfg, privacy=privacy, steps=total_steps, noise=noise).attach()
     return _Path(stepper.model, lambda i: stepper.step(chunks, i + 1), method=method if method.private else None,
                  cleanup=stepper.close)

@@ -35,5 +35,5 @@ def build_optimizer(params, optim_cfg):
 def build_schedule(optimizer, train_cfg, steps: int):
     from transformers import get_scheduler
 
-    return get_scheduler(SCHEDULES[check_schedule(train_cfg.lr_schedule)], optimizer, num_warmup_steps=train_cfg.warmup_steps,
-                         num_training_steps=steps)
+    name = SCHEDULES[check_schedule(train_cfg.lr_schedule)]
+    return get_scheduler(name, optimizer, num_warmup_steps=train_cfg.warmup_steps, num_training_steps=steps)

@@ -98,7 +98,8 @@ def tiny_dp():
 
     def build(*overrides, mode="hooks", sigma=1.0, clip=1.0, batch=8.0, scale_head=None, steps=1, lr=1.0,
               method_optimizer=False, device="cpu"):
-        sgd = [] if method_optimizer else ["optim=sgd", f"optim.lr={lr}", "optim.momentum=0.0", "optim.weight_decay=0.0"]
+        sgd = ([] if method_optimizer else
+               ["optim=sgd", f"optim.lr={lr}", "optim.momentum=0.0", "optim.weight_decay=0.0"])
         spec = compose_run(["debug=tiny", f"engine.grad_sample_mode={mode}", *sgd, "train.lr_schedule=constant",
                             *overrides])
         model = load_classifier(spec.cfg.model, 2, seed=0)

@@ -69,10 +69,10 @@ class Stepper:
         if self.method.private:
             if self.hooks is None:
                 raise DpftError("Stepper.step before attach(): no per-sample hooks")
+            draws = noise if noise is not None else self.noise.for_step(t)
             stats = dp_step(model=self.model, chunks=chunks, method=self.method, params=self.params,
-                            optimizer=self.optimizer, noise_generator=noise if noise is not None else self.noise.for_step(t),
-                            mode=self.mode, hooks=self.hooks, step=t, alignment=alignment, per_layer=per_layer,
-                            dist=self.dist)
+                            optimizer=self.optimizer, noise_generator=draws, mode=self.mode, hooks=self.hooks,
+                            step=t, alignment=alignment, per_layer=per_layer, dist=self.dist)
         else:
             stats = nonprivate_step(model=self.model, chunks=chunks, params=self.params, optimizer=self.optimizer)
         self.schedule.step()
