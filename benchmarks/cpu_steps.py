@@ -28,13 +28,13 @@ def main() -> None:
     torch.set_num_threads(1)
 
     import dpft
-    from dpft.bench import _batch, _build_path, _chunks
+    from dpft.bench import _build_path, fixed_batch
     from dpft.config import compose_run
     from dpft.models import load_classifier
 
     cfg = compose_run([*args.overrides, f"runtime.physical_batch_size={args.batch}"]).cfg
     base = load_classifier(cfg.model, 2, 0)
-    chunks = _chunks(_batch(args.batch, args.length, int(base.config.vocab_size), torch.device("cpu")), args.batch, None)
+    chunks = fixed_batch(args.batch, args.length, int(base.config.vocab_size), args.batch, torch.device("cpu"))
     paths = args.paths.split(",")
     built = {p: _build_path(base, cfg, p, chunks, args.batch, 2 + args.rounds, torch.device("cpu")) for p in paths}
     for b in built.values():

@@ -36,7 +36,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
 
-    from dpft.bench import _batch, _build_path, _chunks
+    from dpft.bench import _build_path, fixed_batch
     from dpft.config import compose_run
     from dpft.engine.step import _alignment
     from dpft.methods import PrivacyParams, build_method
@@ -44,8 +44,7 @@ def main() -> None:
 
     cfg = compose_run([f"runtime.physical_batch_size={args.step_batch}"]).cfg
     base = load_classifier(cfg.model, 2, 0)
-    chunks = _chunks(_batch(args.step_batch, args.length, int(base.config.vocab_size), torch.device("cpu")),
-                     args.step_batch, None)
+    chunks = fixed_batch(args.step_batch, args.length, int(base.config.vocab_size), args.step_batch, torch.device("cpu"))
     built = _build_path(base, cfg, "dpsgd-bk", chunks, args.step_batch, 4, torch.device("cpu"))
     built.step(0)
     step = _cpu(lambda: built.step(1), repeats=2)

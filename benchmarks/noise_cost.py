@@ -56,34 +56,25 @@ def main() -> None:
 
 
 def step_times(cfg, model, b: int, length: int, repeats: int) -> None:
+    from dpft.bench import _with_mode, fixed_batch
     from dpft.engine.noise import MODES, NoiseSource
-    from dpft.engine.step import Batch, dp_step
-    from dpft.engine.train import attach_hooks
+    from dpft.engine.stepper import Stepper
     from dpft.methods import PrivacyParams, build_method
 
-    model.train()
-    method = build_method(cfg)
-    model = method.prepare_model(model)
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    method.setup(model, params, PrivacyParams(sigma=1.0, clip_norm=1.0, sample_rate=0.01,
-                                              expected_batch_size=float(b), steps=100, delta=1e-5))
-    hooks = attach_hooks(model, "ghost", 1.0)
-    optimizer = method.build_optimizer(params, cfg.optim)
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1000, 5000, (b, length), generator=g)
-    batch = Batch(ids, torch.ones_like(ids), torch.randint(0, 2, (b,), generator=g))
-    chunks = [Batch(batch.input_ids[i:i + 64], batch.attention_mask[i:i + 64], batch.labels[i:i + 64])
-              for i in range(0, b, 64)]
+    cfg = _with_mode(cfg, "ghost")
+    dp = Stepper(model, build_method(cfg), cfg, steps=100,
+                 privacy=PrivacyParams(sigma=1.0, clip_norm=1.0, sample_rate=0.01, expected_batch_size=float(b),
+                                       steps=100, delta=1e-5)).attach()
+    chunks = fixed_batch(b, length, int(model.config.vocab_size), 64, "cpu")
     times = {m: [] for m in MODES}
     for r in range(repeats + 1):
         for mode in MODES:
             noise = NoiseSource.create(mode, 0, "bench").for_step(r + 1)
             t = time.perf_counter()
-            dp_step(model=model, chunks=chunks, method=method, params=params, optimizer=optimizer,
-                    noise_generator=noise, mode="ghost", hooks=hooks, step=r + 1, alignment=False)
+            dp.step(chunks, r + 1, noise=noise)
             if r:  # the first round warms up
                 times[mode].append(time.perf_counter() - t)
-    hooks.cleanup()
+    dp.close()
     base = statistics.median(times["seeded"])
     print(f"DP-SGD ghost step, B={b}, L={length} (median of {repeats}):")
     for mode in MODES:

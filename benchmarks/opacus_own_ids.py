@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from dpft.bench import _RssPeak, _batch, opacus_reference
+from dpft.bench import _RssPeak, fixed_batch, opacus_reference
 from dpft.config import compose_run
 from dpft.models import load_classifier
 
@@ -23,7 +23,7 @@ from dpft.models import load_classifier
 def main() -> None:
     cfg = compose_run(["model=roberta-base", "model.pretrained=false"]).cfg
     base = load_classifier(cfg.model, 2, 0)
-    chunks = [_batch(16, 128, int(base.config.vocab_size), torch.device("cpu"))]
+    chunks = fixed_batch(16, 128, int(base.config.vocab_size), 16, torch.device("cpu"))
     for mode in ("ghost", "hooks"):
         for explicit in (False, True):
             model = copy.deepcopy(base).train()

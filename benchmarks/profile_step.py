@@ -27,7 +27,7 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=12)
     args = ap.parse_args()
 
-    from dpft.bench import _batch, _build_path, _chunks
+    from dpft.bench import _build_path, fixed_batch
     from dpft.config import compose_run
     from dpft.models import load_classifier
 
@@ -36,7 +36,7 @@ def main() -> None:
         over.append(f"model.pretrained={args.pretrained}")
     cfg = compose_run(over).cfg
     base = load_classifier(cfg.model, 2, 0)
-    chunks = _chunks(_batch(args.batch, args.length, int(base.config.vocab_size), torch.device("cpu")), args.batch, None)
+    chunks = fixed_batch(args.batch, args.length, int(base.config.vocab_size), args.batch, torch.device("cpu"))
     print(f"# {args.model} B={args.batch} L={args.length} threads={torch.get_num_threads()} "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     for path in args.paths.split(","):

@@ -6,7 +6,7 @@ arXiv 2305.08846), black-box input-space setting:
 1. m canaries: crafted examples of random whole-word vocabulary tokens with a random label (so
    no other example predicts them: every canary must be memorised to be fitted). Each is included
    in the training set independently with probability 1/2 (S_i ∈ {in, out}, a fair coin).
-2. One run of the engine (`dpft.engine.train.prepare` / `run`: same method, sampler, noise and
+2. One run of the engine (`dpft.engine.prepare.prepare` / `dpft.engine.train.run`: same method, sampler, noise and
    accountant as `dpft train`) on task data + included canaries.
 3. Score each canary from the released model θT and the public initial model θ0 (the seed's random
    init or the public checkpoint), so scoring is post-processing: by default (white-box) how far
@@ -154,13 +154,13 @@ class Canaries:
     def m(self) -> int:
         return len(self.labels)
 
-    def insert(self, split):
-        """The training split plus the included canaries (Poisson sampling ignores order)."""
+    def rows(self):
+        """The included canaries, as training rows (appended to the training split; Poisson
+        sampling ignores order)."""
         from dpft.data.tasks import Split
 
         keep = np.flatnonzero(self.included)
-        return Split(list(split.texts) + [self.texts[i] for i in keep],
-                     list(split.labels) + [self.labels[i] for i in keep])
+        return Split([self.texts[i] for i in keep], [self.labels[i] for i in keep])
 
 
 def _canary_words(tokenizer) -> list[str]:
@@ -209,7 +209,7 @@ SCORES = ("embedding", "loss")
 
 def _encode_canaries(tokenizer, canaries: Canaries, max_length: int):
     from dpft.data.tasks import Split
-    from dpft.engine.train import encode
+    from dpft.engine.batches import encode
 
     return encode(tokenizer, Split(canaries.texts, canaries.labels), max_length)
 
@@ -295,6 +295,9 @@ def run_audit(spec, canaries: int, length: int, confidence: float, score: str = 
     import copy
 
     from dpft.engine import train as engine
+    from dpft.engine.ledger import config_yaml
+    from dpft.engine.ledger import meta as run_meta
+    from dpft.engine.prepare import prepare
     from dpft.models import load_tokenizer
     from dpft.tracking import Progress, Sinks
 
@@ -318,7 +321,8 @@ def run_audit(spec, canaries: int, length: int, confidence: float, score: str = 
     _check_task(cfg.task)
     tokenizer = load_tokenizer(cfg.model)
     cans = make_canaries(tokenizer, cfg.task, canaries, length, int(cfg.seed))
-    prep = engine.prepare(spec, canaries=cans)  # bad input fails here, before anything is written
+    # q, σ and δ count all m candidates, whichever are in (public parameters independent of S)
+    prep = prepare(spec, extra_train=cans.rows(), extra_public_n=cans.m)  # bad input fails here, before anything is written
     emb = _word_embedding(prep.model)
     if score == "embedding" and (emb is None or not emb.requires_grad):
         raise DpftError("the embedding score needs trainable word embeddings (this config freezes them, e.g. "
@@ -328,7 +332,7 @@ def run_audit(spec, canaries: int, length: int, confidence: float, score: str = 
         _break_mechanism(prep.method, UNSAFE_BREAK)
     theta0 = copy.deepcopy(prep.model)  # public: the seed's random init (or the public checkpoint)
 
-    adir.begin(engine.config_yaml(spec))
+    adir.begin(config_yaml(spec))
     sinks = Sinks(adir.metrics_sink(), Progress(str(cfg.runtime.progress), prep.steps, f"audit {spec.slug}"))
     try:
         summary = engine.run(prep, adir, sinks)
@@ -368,7 +372,7 @@ def run_audit(spec, canaries: int, length: int, confidence: float, score: str = 
     adir.write_canaries([{"text": list(t), "label": y, "included": bool(s), "score": float(sc)}
                          for t, y, s, sc in zip(cans.texts, cans.labels, cans.included, scores)])
     adir.write_overrides(list(spec.overrides))
-    adir.write_meta(engine.meta(prep, "done", overrides=list(spec.overrides), audit=settings))
+    adir.write_meta(run_meta(prep, "done", overrides=list(spec.overrides), audit=settings))
     adir.write_result(result)  # last: its presence means the audit finished
     return AuditResult(path, result)
 

@@ -30,9 +30,13 @@ from typing import Callable
 
 import torch
 
-from dpft.engine.step import Batch, dp_step, nonprivate_step
+from dpft.config import grad_sample_refusal
+from dpft.engine.batches import Encoded, chunks
+from dpft.engine.noise import NoiseSource
+from dpft.engine.step import Batch
+from dpft.engine.stepper import Stepper
 from dpft.errors import DpftError
-from dpft.methods import PrivacyParams, build_method
+from dpft.methods import NonPrivate, PrivacyParams, build_method
 
 
 class _RssPeak:
@@ -75,13 +79,6 @@ def _release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back to the OS (glibc)
     except (OSError, AttributeError):
         pass
-
-
-def _batch(b: int, length: int, vocab: int, device, seed: int = 0) -> Batch:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, min(vocab, 30000), (b, length), generator=g)
-    return Batch(ids.to(device), torch.ones(b, length, dtype=torch.long, device=device),
-                 torch.randint(0, 2, (b,), generator=g).to(device))
 
 
 OPACUS_PATHS = {"opacus-hooks": "hooks", "opacus-ghost": "ghost"}
@@ -157,52 +154,48 @@ class _Path:
 
 
 def _build_path(base, cfg, path: str, chunks: list[Batch], batch_size: int, total_steps: int, device) -> _Path | None:
-    """The path's model, optimizer and step function, exactly as training builds them; None for a
-    combination training refuses (ghost/bk for a norm-dependent-only method, bf16 with ghost)."""
-    from dpft.engine.optim import build_optimizer
-    from dpft.engine.train import attach_hooks
+    """The path's model and step function, built by training's own `Stepper`; None for a
+    combination training refuses (`dpft.config.grad_sample_refusal`: ghost/bk for a
+    norm-dependent-only method, half precision with ghost)."""
+    from dpft.optim import build_optimizer
 
     autocast = cfg.engine.get("autocast")
     model = copy.deepcopy(base).train()
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if path == "nonprivate":
-        optimizer = build_optimizer(list(params.values()), cfg.optim)
-        return _Path(model, lambda i: nonprivate_step(model=model, chunks=chunks, params=params, optimizer=optimizer))
     if path in OPACUS_PATHS:
         if autocast is not None:  # Opacus' grad samplers are not run under autocast here
             return None
-        optimizer = build_optimizer(list(params.values()), cfg.optim)
+        params = [p for p in model.parameters() if p.requires_grad]
         model, optimizer, opacus = opacus_reference(model, OPACUS_PATHS[path], float(cfg.privacy.clip_norm),
-                                                    optimizer, batch_size, chunks)
+                                                    build_optimizer(params, cfg.optim), batch_size, chunks)
         return _Path(model, lambda i: opacus(), cleanup=model._close)  # _close: remove Opacus' hooks
-    name, mode = parse_path(path)
-    method = build_method(cfg if name == cfg.method.name else _with_method(cfg, name))
-    if not method.private:
-        raise DpftError(f"bench path {path}: method {name} is not private")
-    half = autocast is not None or cfg.model.get("dtype") in ("bfloat16", "float16")
-    if (mode in ("ghost", "bk") and not method.supports_ghost) or (mode == "ghost" and half):
-        return None  # refused in training too (dpft/config.py)
-    model = method.prepare_model(model)  # as in training (e.g. grape's projected layers)
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    method.setup(model, params, PrivacyParams(sigma=1.0, clip_norm=float(cfg.privacy.clip_norm), sample_rate=0.01,
-                                              expected_batch_size=float(batch_size), steps=total_steps, delta=1e-5))
-    hooks = attach_hooks(model, mode, float(cfg.privacy.clip_norm))
-    optimizer = method.build_optimizer(params, cfg.optim)
+    if path == "nonprivate":
+        method, mode = NonPrivate(cfg), "hooks"
+    else:
+        name, mode = parse_path(path)
+        method = build_method(cfg if name == cfg.method.name else _with_method(cfg, name))
+        if not method.private:
+            raise DpftError(f"bench path {path}: method {name} is not private")
+    cfg = _with_mode(cfg, mode)
+    if method.private and grad_sample_refusal(cfg, method):
+        return None  # refused in training too
+    privacy = (PrivacyParams(sigma=1.0, clip_norm=float(cfg.privacy.clip_norm), sample_rate=0.01,
+                             expected_batch_size=float(batch_size), steps=total_steps, delta=1e-5)
+               if method.private else None)
     # the configured privacy.noise: the default secure mode's float guard is part of the step's cost
-    from dpft.engine.noise import NoiseSource
-
-    noise = NoiseSource.create(str(cfg.privacy.get("noise", "secure")), int(cfg.seed), "bench")
-
-    def step(i: int) -> None:
-        dp_step(model=model, chunks=chunks, method=method, params=params, optimizer=optimizer,
-                noise_generator=noise.for_step(i + 1), mode=mode, hooks=hooks, step=i + 1, alignment=False)
-
-    return _Path(model, step, method=method, cleanup=hooks.cleanup)
+    noise = (NoiseSource.create(str(cfg.privacy.get("noise", "secure")), int(cfg.seed), "bench")
+             if method.private else None)
+    stepper = Stepper(model, method, cfg, privacy=privacy, steps=total_steps, noise=noise).attach()
+    return _Path(stepper.model, lambda i: stepper.step(chunks, i + 1), method=method if method.private else None,
+                 cleanup=stepper.close)
 
 
-def _chunks(batch: Batch, pbs: int, autocast) -> list[Batch]:
-    return [Batch(batch.input_ids[i:i + pbs], batch.attention_mask[i:i + pbs], batch.labels[i:i + pbs],
-                  autocast=autocast) for i in range(0, len(batch.labels), pbs)]
+def fixed_batch(b: int, length: int, vocab: int, pbs: int, device, autocast=None, seed: int = 0) -> list[Batch]:
+    """A fixed logical batch of b random token sequences of `length` (random labels), split into
+    training's micro-batches of `pbs` (`dpft.engine.batches.chunks`)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, min(vocab, 30000), (b, length), generator=g)
+    enc = Encoded(ids, torch.ones(b, length, dtype=torch.long), torch.randint(0, 2, (b,), generator=g))
+    return chunks(enc, list(range(b)), pbs, device, autocast)
 
 
 def largest_batch(fits: Callable[[int], bool], start: int, limit: int) -> int | None:
@@ -232,8 +225,7 @@ def _fits(base, cfg, path: str, b: int, length: int, vocab: int, device) -> bool
     """Does one optimizer step of `path` at physical batch b fit in the device's memory?"""
     built = None
     try:
-        chunks = [_batch(b, length, vocab, device)]
-        chunks[0].autocast = cfg.engine.get("autocast")
+        chunks = fixed_batch(b, length, vocab, b, device, cfg.engine.get("autocast"))
         built = _build_path(base, cfg, path, chunks, b, 1, device)
         if built is None:
             return False
@@ -263,7 +255,7 @@ def bench(cfg, paths: list[str], batch_size: int, length: int, steps: int, warmu
     vocab = int(base.config.vocab_size)
     pbs = int(cfg.runtime.physical_batch_size)
     autocast = cfg.engine.get("autocast")  # engine.autocast=bf16: every path's forward in bf16
-    chunks = _chunks(_batch(batch_size, length, vocab, device), pbs, autocast)
+    chunks = fixed_batch(batch_size, length, vocab, pbs, device, autocast)
     results = {}
     for path in paths:
         built = _build_path(base, cfg, path, chunks, batch_size, steps + warmup, device)
@@ -327,3 +319,14 @@ def _with_method(cfg, name: str):
     from dpft.config import compose_run
 
     return compose_run([f"method={name}"]).cfg
+
+
+def _with_mode(cfg, mode: str):
+    """`cfg` with engine.grad_sample_mode = the path's mode (a copy; the bench's own config is kept)."""
+    from omegaconf import OmegaConf
+
+    cfg = copy.deepcopy(cfg)
+    OmegaConf.set_readonly(cfg, False)
+    OmegaConf.update(cfg, "engine.grad_sample_mode", mode)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg

@@ -451,7 +451,7 @@ def bench(
     from dpft.bench import bench as run_bench
     from dpft.bench import parse_path
     from dpft.config import compose_run
-    from dpft.engine.train import resolve_device
+    from dpft.engine.prepare import resolve_device
 
     setup_logging()
     spec = compose_run(overrides or [])

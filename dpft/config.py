@@ -162,6 +162,25 @@ def _num(cfg: DictConfig, key: str, kind=float):
         raise DpftError(f"{key} must be a number, got {value!r}") from None
 
 
+def grad_sample_refusal(cfg: DictConfig, method=None) -> str | None:
+    """Why DP training refuses `engine.grad_sample_mode` with this config (and `method`, once
+    built), or None. The one place for these rules: config validation, the stepper and the bench
+    all ask here."""
+    mode = cfg.engine.grad_sample_mode
+    if method is not None and mode in ("ghost", "bk") and not method.supports_ghost:
+        return f"method {method.name} does not support ghost clipping; use engine.grad_sample_mode=hooks"
+    # half precision with ghost clipping: the second backward recomputes every example's gradient
+    # in half precision, so the first backward's norms do not bound it (bk and hooks sum the very
+    # values whose norms were taken, in fp32: exact; dpft/engine/bookkeeping.py)
+    half = ("engine.autocast=bf16" if cfg.engine.get("autocast") == "bf16" else
+            f"model.dtype={OmegaConf.select(cfg, 'model.dtype')}"
+            if OmegaConf.select(cfg, "model.dtype") in ("bfloat16", "float16") else None)
+    if half and mode == "ghost":
+        return (f"{half} needs engine.grad_sample_mode=bk or hooks: ghost clipping's second "
+                "backward recomputes the gradients in half precision, so its clip factors would not be exact")
+    return None
+
+
 def validate(cfg: DictConfig) -> None:
     """Reject configs that cannot run or would silently mean something else. Data-dependent checks
     (batch vs dataset size) happen in the engine before anything is written."""
@@ -190,15 +209,9 @@ def validate(cfg: DictConfig) -> None:
             )
         if cfg.engine.grad_sample_mode not in GRAD_SAMPLE_MODES:
             raise DpftError(f"engine.grad_sample_mode must be hooks, ghost or bk, got {cfg.engine.grad_sample_mode!r}")
-        # half precision with ghost clipping: the second backward recomputes every example's gradient
-        # in half precision, so the first backward's norms do not bound it (bk and hooks sum the very
-        # values whose norms were taken, in fp32: exact; dpft/engine/bookkeeping.py)
-        half = ("engine.autocast=bf16" if cfg.engine.get("autocast") == "bf16" else
-                f"model.dtype={OmegaConf.select(cfg, 'model.dtype')}"
-                if OmegaConf.select(cfg, "model.dtype") in ("bfloat16", "float16") else None)
-        if half and cfg.engine.grad_sample_mode == "ghost":
-            raise DpftError(f"{half} needs engine.grad_sample_mode=bk or hooks: ghost clipping's second "
-                            "backward recomputes the gradients in half precision, so its clip factors would not be exact")
+        refused = grad_sample_refusal(cfg)
+        if refused:
+            raise DpftError(refused)
     if cfg.engine.get("autocast") not in (None, "bf16"):
         raise DpftError(f"engine.autocast must be null or bf16, got {cfg.engine.get('autocast')!r}")
     for key in ("train.steps", "train.batch_size", "train.eval_every", "runtime.physical_batch_size"):
@@ -250,11 +263,10 @@ def _validate_ints_and_choices(cfg: DictConfig) -> None:
     progress = OmegaConf.select(cfg, "runtime.progress")
     if progress is not None and progress not in ("auto", "rich", "plain", "none"):
         raise DpftError(f"runtime.progress must be auto, rich, plain or none, got {progress!r}")
-    # the names dpft/engine/optim.py builds; checked here too so a typo fails before the run dir exists
-    if OmegaConf.select(cfg, "optim.name") not in ("adamw", "sgd"):
-        raise DpftError(f"unknown optimizer {OmegaConf.select(cfg, 'optim.name')!r}; valid choices: adamw, sgd")
-    if OmegaConf.select(cfg, "train.lr_schedule") not in ("linear", "constant"):
-        raise DpftError(f"train.lr_schedule must be linear or constant, got {OmegaConf.select(cfg, 'train.lr_schedule')!r}")
+    from dpft.optim import check_optimizer, check_schedule
+
+    check_optimizer(OmegaConf.select(cfg, "optim.name"))
+    check_schedule(OmegaConf.select(cfg, "train.lr_schedule"))
     dtype = OmegaConf.select(cfg, "model.dtype")
     if dtype is not None and dtype not in ("float32", "float16", "bfloat16", "float64"):
         raise DpftError(f"model.dtype must be float32, float16, bfloat16 or float64, got {dtype!r}")

@@ -65,9 +65,9 @@ def train_spec(spec: RunSpec, force: bool = False, resume: bool | None = None, r
             raise DpftError(f"--resume: no checkpoint in {path} ("
                             + (f"the run is {status}, stopped before its first checkpoint" if status else
                                "no such run yet") + "); run without --resume to start it from step 1")
-        from dpft.engine import train as engine
+        from dpft.engine.prepare import prepare
 
-        prep = engine.prepare(spec)  # bad input fails here, before anything is written
+        prep = prepare(spec)  # bad input fails here, before anything is written
         if dist is not None and not dist.is_main:  # data-parallel worker: computes, writes nothing
             return _train_worker(spec, prep, rundir, dist)
         return _train_main(spec, prep, rundir, fresh, dist, notify)
@@ -94,6 +94,7 @@ def _train_main(spec: RunSpec, prep, rundir: store.RunDir, fresh: bool, dist, no
     from omegaconf import OmegaConf
 
     from dpft.engine import checkpoint as ckpt
+    from dpft.engine import ledger
     from dpft.engine import train as engine
     from dpft.tracking import Progress, Sinks, wandb_sink
 
@@ -109,7 +110,7 @@ def _train_main(spec: RunSpec, prep, rundir: store.RunDir, fresh: bool, dist, no
     logged_through = 0
     if state is None:
         before = rundir.status()
-        archived = rundir.begin(engine.config_yaml(spec), list(spec.overrides))
+        archived = rundir.begin(ledger.config_yaml(spec), list(spec.overrides))
         if archived is not None:
             why = "--force" if before == "done" else ("--restart" if fresh else "no checkpoint to resume")
             notify(f"starting {name} at step 1 of {prep.steps} in {path}; the previous attempt "
@@ -129,7 +130,7 @@ def _train_main(spec: RunSpec, prep, rundir: store.RunDir, fresh: bool, dist, no
                + "(--restart starts over)")
     if dist is not None:
         dist.barrier()
-    meta = engine.meta(prep, "running", overrides=list(spec.overrides), choices=spec.choices, steps=prep.steps)
+    meta = ledger.meta(prep, "running", overrides=list(spec.overrides), choices=spec.choices, steps=prep.steps)
     if dist is not None:
         meta["world_size"] = dist.world
     if state is not None:

@@ -54,87 +54,119 @@ def dpft(tmp_path):
     return call
 
 
-def run_dirs(output_dir: Path) -> list[Path]:
-    root = Path(output_dir) / "runs"
-    return sorted(p for p in root.iterdir() if p.is_dir()) if root.exists() else []
+@pytest.fixture
+def run_dirs():
+    """run_dirs(output_dir) -> the run directories under output_dir/runs, sorted."""
+    def find(output_dir: Path) -> list[Path]:
+        root = Path(output_dir) / "runs"
+        return sorted(p for p in root.iterdir() if p.is_dir()) if root.exists() else []
+
+    return find
 
 
-def read_run(path: Path) -> tuple[list[dict], dict, dict]:
-    from dpft.store import read_metrics
+@pytest.fixture
+def read_run():
+    """read_run(run_dir) -> (metrics records, summary, meta) as the run wrote them."""
+    def read(path: Path) -> tuple[list[dict], dict, dict]:
+        from dpft.store import read_metrics
 
-    metrics = read_metrics(path / "metrics.jsonl")
-    summary = json.loads((path / "summary.json").read_text())
-    meta = json.loads((path / "meta.json").read_text())
-    return metrics, summary, meta
+        metrics = read_metrics(path / "metrics.jsonl")
+        summary = json.loads((path / "summary.json").read_text())
+        meta = json.loads((path / "meta.json").read_text())
+        return metrics, summary, meta
+
+    return read
 
 
 # -- one DP step on the tiny model, for the privacy tests of the engine and the methods ------------
 
-def tiny_dp(*overrides, mode="hooks", sigma=1.0, clip=1.0, batch=8.0, scale_head=None, steps=1, lr=1.0,
-            method_optimizer=False, device="cpu"):
-    """(model, params, method, hooks, optimizer) for `dp_step` on debug=tiny with `overrides`.
-    `scale_head` multiplies the classifier (adversarial, huge gradients). The optimizer is SGD with
-    `lr` (lr=1: the update is exactly minus the privatised mean), or the method's own."""
+@pytest.fixture
+def tiny_dp():
+    """tiny_dp(*overrides, mode, sigma, clip, batch, ...) -> a `dpft.engine.stepper.Stepper` on
+    debug=tiny with `overrides`, hooks attached (removed at teardown), built as training builds
+    it. `scale_head` multiplies the classifier (adversarial, huge gradients). The optimizer is
+    SGD at `lr` with a constant schedule (lr=1: the update is exactly minus the privatised mean),
+    or with `method_optimizer` the method's own from the config."""
     import torch
 
     from dpft.config import compose_run
-    from dpft.engine.train import attach_hooks
+    from dpft.engine.stepper import Stepper
     from dpft.methods import PrivacyParams, build_method
     from dpft.models import load_classifier
 
-    spec = compose_run(["debug=tiny", f"engine.grad_sample_mode={mode}", *overrides])
-    model = load_classifier(spec.cfg.model, 2, seed=0)
-    if scale_head is not None:
-        with torch.no_grad():
-            model.classifier.weight.mul_(scale_head)
-    model.to(device).train()
-    method = build_method(spec.cfg)
-    model = method.prepare_model(model)
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    method.setup(model, params, PrivacyParams(sigma=sigma, clip_norm=clip, sample_rate=0.1,
-                                              expected_batch_size=batch, steps=steps, delta=1e-5))
-    hooks = attach_hooks(model, mode, clip)
-    opt = (method.build_optimizer(params, spec.cfg.optim) if method_optimizer
-           else torch.optim.SGD(list(params.values()), lr=lr))
-    return model, params, method, hooks, opt
+    built = []
+
+    def build(*overrides, mode="hooks", sigma=1.0, clip=1.0, batch=8.0, scale_head=None, steps=1, lr=1.0,
+              method_optimizer=False, device="cpu"):
+        sgd = ([] if method_optimizer else
+               ["optim=sgd", f"optim.lr={lr}", "optim.momentum=0.0", "optim.weight_decay=0.0"])
+        spec = compose_run(["debug=tiny", f"engine.grad_sample_mode={mode}", *sgd, "train.lr_schedule=constant",
+                            *overrides])
+        model = load_classifier(spec.cfg.model, 2, seed=0)
+        if scale_head is not None:
+            with torch.no_grad():
+                model.classifier.weight.mul_(scale_head)
+        model.to(device)
+        privacy = PrivacyParams(sigma=sigma, clip_norm=clip, sample_rate=0.1, expected_batch_size=batch, steps=steps,
+                                delta=1e-5)
+        stepper = Stepper(model, build_method(spec.cfg), spec.cfg, privacy=privacy, steps=steps).attach()
+        built.append(stepper)
+        return stepper
+
+    yield build
+    for stepper in built:
+        stepper.close()
 
 
-def tiny_batch(b=6, t=12, seed=0, device="cpu"):
-    import torch
+@pytest.fixture
+def tiny_batch():
+    """tiny_batch(b, t, seed, device) -> one Batch of b random sequences of t tokens, random labels."""
+    def make(b=6, t=12, seed=0, device="cpu"):
+        import torch
 
-    from dpft.engine.step import Batch
+        from dpft.engine.step import Batch
 
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1000, 5000, (b, t), generator=g)
-    labels = torch.randint(0, 2, (b,), generator=g)
-    return Batch(ids.to(device), torch.ones(b, t, dtype=torch.long, device=device), labels.to(device))
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(1000, 5000, (b, t), generator=g)
+        labels = torch.randint(0, 2, (b,), generator=g)
+        return Batch(ids.to(device), torch.ones(b, t, dtype=torch.long, device=device), labels.to(device))
 
-
-def sgd_update(model, params, method, hooks, opt, chunks, mode, step=1, seed=0):
-    """One dp_step; with SGD at lr=1 the returned update is exactly minus the privatised mean gradient."""
-    import torch
-
-    from dpft.engine.step import dp_step
-
-    before = {n: p.detach().clone() for n, p in params.items()}
-    gen = torch.Generator(device=next(iter(params.values())).device).manual_seed(seed)
-    dp_step(model=model, chunks=chunks, method=method, params=params, optimizer=opt,
-            noise_generator=gen, mode=mode, hooks=hooks, step=step, alignment=False)
-    return {n: before[n] - p.detach() for n, p in params.items()}
+    return make
 
 
-def opacus_update(mode, clip, batch_size, chunks, device="cpu"):
-    """One step of Opacus' own make_private (dpft.bench.opacus_reference) on tiny_dp's model with
-    σ = 0 and SGD at lr 1 -> {name: update}, the independent reference for dpft's clipped sum."""
-    import torch
+@pytest.fixture
+def sgd_update():
+    """sgd_update(stepper, chunks, step, seed) -> {name: update} of one step whose noise is drawn
+    from torch.Generator().manual_seed(seed); with tiny_dp's SGD at lr=1 the update is exactly
+    minus the privatised mean gradient."""
+    def update(stepper, chunks, step=1, seed=0):
+        import torch
 
-    from dpft.bench import opacus_reference
-    from dpft.config import compose_run
-    from dpft.models import load_classifier
+        before = {n: p.detach().clone() for n, p in stepper.params.items()}
+        gen = torch.Generator(device=next(iter(stepper.params.values())).device).manual_seed(seed)
+        stepper.step(chunks, step, noise=gen)
+        return {n: before[n] - p.detach() for n, p in stepper.params.items()}
 
-    ref = load_classifier(compose_run(["debug=tiny"]).cfg.model, 2, seed=0).to(device).train()  # tiny_dp's model
-    before = {n: p.detach().clone() for n, p in ref.named_parameters() if p.requires_grad}
-    sgd = torch.optim.SGD([p for p in ref.parameters() if p.requires_grad], lr=1.0)
-    _, _, step = opacus_reference(ref, mode, clip, sgd, batch_size, chunks, noise_multiplier=0.0)
-    step()
-    return {n: before[n] - p.detach() for n, p in ref.named_parameters() if p.requires_grad}
+    return update
+
+
+@pytest.fixture
+def opacus_update():
+    """opacus_update(mode, clip, batch_size, chunks, device) -> {name: update} of one step of
+    Opacus' own make_private (dpft.bench.opacus_reference) on tiny_dp's model with σ = 0 and SGD
+    at lr 1: the independent reference for dpft's clipped sum."""
+    def update(mode, clip, batch_size, chunks, device="cpu"):
+        import torch
+
+        from dpft.bench import opacus_reference
+        from dpft.config import compose_run
+        from dpft.models import load_classifier
+
+        ref = load_classifier(compose_run(["debug=tiny"]).cfg.model, 2, seed=0).to(device).train()  # tiny_dp's model
+        before = {n: p.detach().clone() for n, p in ref.named_parameters() if p.requires_grad}
+        sgd = torch.optim.SGD([p for p in ref.parameters() if p.requires_grad], lr=1.0)
+        _, _, step = opacus_reference(ref, mode, clip, sgd, batch_size, chunks, noise_multiplier=0.0)
+        step()
+        return {n: before[n] - p.detach() for n, p in ref.named_parameters() if p.requires_grad}
+
+    return update

@@ -9,7 +9,6 @@ import math
 import pytest
 import torch
 
-from conftest import read_run, run_dirs, sgd_update, tiny_batch, tiny_dp
 from dpft.config import compose_run
 from dpft.engine import accountant as acct
 from dpft.errors import DpftError
@@ -18,17 +17,6 @@ from dpft.methods.anadp import allocate, group_names, shares_from_scores, sigma_
 from dpft.models import model_inputs
 
 TINY = ["debug=tiny", "method=anadp", "engine.grad_sample_mode=hooks", "runtime.progress=none"]
-
-
-def _setup(sigma=1.0, clip=1.0, batch=8.0, scale_head=None, extra=()):
-    return tiny_dp("method=anadp", *extra, sigma=sigma, clip=clip, batch=batch, scale_head=scale_head)
-
-
-_batch = tiny_batch
-
-
-def _step(model, params, method, hooks, opt, chunks, step=1, seed=0):
-    return sgd_update(model, params, method, hooks, opt, chunks, "hooks", step=step, seed=seed)
 
 
 def _random_shares(g, seed):
@@ -46,32 +34,35 @@ def _by_group(method, tensors):
 
 # -- noise --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("granularity", ["tensor", "layer"])
-def test_measured_group_noise_matches_allocation(granularity):
+def test_measured_group_noise_matches_allocation(sgd_update, tiny_dp, granularity):
     sigma, clip, b = 1.3, 0.5, 8.0
-    model, params, method, hooks, opt = _setup(sigma, clip, b, extra=[f"method.granularity={granularity}"])
+    dp = tiny_dp("method=anadp", f"method.granularity={granularity}", sigma=sigma, clip=clip, batch=b)
+    method = dp.method
     torch.manual_seed(0)
     method.set_shares(_random_shares(len(method.groups), 1))
     stds = method.group_stds()
     assert max(stds.values()) / min(stds.values()) > 2  # the test must see genuinely unequal noise
     for name, s in method.noise_std().items():
         assert s == stds[group_names([name], granularity)[0]]
-    update = _step(model, params, method, hooks, opt, [])  # empty draw: only the noise is added
+    update = sgd_update(dp, [])  # empty draw: only the noise is added
     for g, z in _by_group(method, update).items():
         z = z * b  # noise on the sum
         n = z.numel()
         assert z.std().item() == pytest.approx(stds[g], rel=6 / math.sqrt(2 * n)), g
 
 
-def test_warmup_and_alpha_zero_give_dpsgd_noise():
+def test_warmup_and_alpha_zero_give_dpsgd_noise(tiny_dp):
     sigma, clip = 0.9, 0.7
-    _, params, method, _, _ = _setup(sigma, clip, extra=["method.warmup=3"])
+    dp = tiny_dp("method=anadp", "method.warmup=3", sigma=sigma, clip=clip)
+    params, method = dp.params, dp.method
     grads = {n: torch.randn_like(p) for n, p in params.items()}
     for step in (1, 2):  # allocation for steps 2, 3 is still the warm-up one
         method.postprocess(grads, {}, step)
         assert list(method.noise_std().values()) == pytest.approx([sigma * clip] * len(params))
     method.postprocess(grads, {}, 3)  # step 4 is adaptive
     assert max(method.noise_std().values()) > sigma * clip * 1.01
-    _, params, method, _, _ = _setup(sigma, clip, extra=["method.warmup=0", "method.alpha=0"])
+    dp = tiny_dp("method=anadp", "method.warmup=0", "method.alpha=0", sigma=sigma, clip=clip)
+    params, method = dp.params, dp.method
     method.postprocess({n: torch.randn_like(p) for n, p in params.items()}, {}, 1)
     assert list(method.noise_std().values()) == pytest.approx([sigma * clip] * len(params))
 
@@ -102,9 +93,10 @@ def test_sigma_eff_equals_sigma_for_random_importances(seed):
     assert (s <= sigma * clip / math.sqrt(floor) * (1 + 1e-8)).all()
 
 
-def test_method_reports_calibrated_sigma_after_random_importance_updates():
+def test_method_reports_calibrated_sigma_after_random_importance_updates(tiny_dp):
     sigma = 0.83
-    _, params, method, _, _ = _setup(sigma, 0.2, extra=["method.warmup=0", "method.alpha=2", "method.floor=0.05"])
+    dp = tiny_dp("method=anadp", "method.warmup=0", "method.alpha=2", "method.floor=0.05", sigma=sigma, clip=0.2)
+    params, method = dp.params, dp.method
     for step in range(1, 6):
         grads = {n: torch.randn_like(p) * 10 ** torch.empty(1).uniform_(-4, 2) for n, p in params.items()}
         method.postprocess(grads, {}, step)
@@ -115,15 +107,16 @@ def test_method_reports_calibrated_sigma_after_random_importance_updates():
 
 # -- sensitivity ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("scale", [1.0, 1e4])
-def test_per_group_contribution_and_mahalanobis_bound(scale):
+def test_per_group_contribution_and_mahalanobis_bound(sgd_update, tiny_batch, tiny_dp, scale):
     clip, sigma = 0.3, 1.1
-    model, params, method, hooks, opt = _setup(sigma, clip, batch=1.0, scale_head=scale)
+    dp = tiny_dp("method=anadp", sigma=sigma, clip=clip, batch=1.0, scale_head=scale)
+    model, params, method = dp.model, dp.params, dp.method
     for i in range(3):
         # postprocess re-allocates after every step (warm-up: uniform), so install shares each time
         method.set_shares(_random_shares(len(method.groups), 7 + i))
         clips, stds = method.group_clips(), method.group_stds()
         method.noise_std = lambda: {n: 0.0 for n in params}  # measure the clipped contribution only
-        batch = _batch(1, seed=i)
+        batch = tiny_batch(1, seed=i)
         if scale > 1:  # label the losing class so the saturated softmax still has a huge gradient
             with torch.no_grad():
                 logits = model(**model_inputs(model, batch.input_ids, batch.attention_mask)).logits
@@ -131,7 +124,7 @@ def test_per_group_contribution_and_mahalanobis_bound(scale):
         seen = []
         post = method.postprocess
         method.postprocess = lambda g, s, t, _post=post: seen.append(g) or _post(g, s, t)
-        _step(model, params, method, hooks, opt, [batch])
+        sgd_update(dp, [batch])
         method.postprocess = post
         # read S/B (B = 1, no noise) where the engine hands it over: the weight delta of the scaled
         # head (|θ| ~ 1e2) would carry float32 cancellation error of the order of 1e-4 relative
@@ -146,8 +139,9 @@ def test_per_group_contribution_and_mahalanobis_bound(scale):
             assert norms[head] == pytest.approx(clips[head], rel=1e-3)
 
 
-def test_clip_factors_bound_extreme_norms_and_reject_non_finite():
-    _, params, method, _, _ = _setup(1.0, 0.5)
+def test_clip_factors_bound_extreme_norms_and_reject_non_finite(tiny_dp):
+    dp = tiny_dp("method=anadp", sigma=1.0, clip=0.5)
+    params, method = dp.params, dp.method
     p = len(params)
     sq = torch.tensor([0.0, 1e-30, 1e-6, 1.0, 1e6, 3e38], dtype=torch.float32).repeat(p, 1)
     sq = sq * torch.rand(p, 1)
@@ -173,9 +167,10 @@ def _same(a, b):
             and all(torch.equal(a[2][n], b[2][n]) and torch.equal(a[3][n], b[3][n]) for n in a[2]))
 
 
-def test_importance_changes_only_in_postprocess_from_the_privatised_gradient():
+def test_importance_changes_only_in_postprocess_from_the_privatised_gradient(sgd_update, tiny_batch, tiny_dp):
     b, sigma, beta1 = 6.0, 1e4, 0.85  # huge noise: the privatised gradient is essentially noise
-    model, params, method, hooks, opt = _setup(sigma, 1.0, batch=b, extra=["method.warmup=0"])
+    dp = tiny_dp("method=anadp", "method.warmup=0", sigma=sigma, clip=1.0, batch=b)
+    params, method = dp.params, dp.method
     seen, noise_at_call = [], []
     for attr in ("clip_factors", "noise_std", "noise_multiplier", "diagnostics", "postprocess"):
         orig = getattr(method, attr)
@@ -195,7 +190,7 @@ def test_importance_changes_only_in_postprocess_from_the_privatised_gradient():
         setattr(method, attr, spy)
     allocations = [method.group_stds()]
     for step in (1, 2, 3):
-        update = _step(model, params, method, hooks, opt, [_batch(6, seed=step)], step=step, seed=step)
+        update = sgd_update(dp, [tiny_batch(6, seed=step)], step=step, seed=step)
         method.diagnostics()
         grads, theta = seen[-1]
         for n in params:  # postprocess saw exactly the privatised mean that was applied
@@ -213,11 +208,12 @@ def test_importance_changes_only_in_postprocess_from_the_privatised_gradient():
     assert allocations[1] != allocations[0]  # importance did move the allocation
 
 
-def test_state_dict_roundtrip_restores_allocation():
-    _, params, method, _, _ = _setup(1.0, 1.0, extra=["method.warmup=0"])
+def test_state_dict_roundtrip_restores_allocation(tiny_dp):
+    dp = tiny_dp("method=anadp", "method.warmup=0", sigma=1.0, clip=1.0)
+    params, method = dp.params, dp.method
     for step in (1, 2):
         method.postprocess({n: torch.randn_like(p) for n, p in params.items()}, {}, step)
-    _, _, fresh, _, _ = _setup(1.0, 1.0, extra=["method.warmup=0"])
+    fresh = tiny_dp("method=anadp", "method.warmup=0", sigma=1.0, clip=1.0).method
     fresh.load_state_dict(method.state_dict())
     assert fresh.noise_std() == method.noise_std() and fresh.group_clips() == method.group_clips()
 
@@ -335,7 +331,7 @@ def test_cli_refuses_ghost_mode(dpft):
 
 
 @pytest.mark.parametrize("peft", ["null", "lora"])
-def test_cli_train_full_and_lora(dpft, peft):
+def test_cli_train_full_and_lora(read_run, run_dirs, dpft, peft):
     r = dpft("train", *TINY, f"model.peft={peft}", "method.warmup=2", "privacy.epsilon=3")
     assert r.exit_code == 0, r.stdout + r.stderr + repr(r.exception)
     (run,) = run_dirs(dpft.output_dir)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import run_dirs
 
 CASES = {
     "unknown method": (["method=nope"], "unknown method 'nope'; valid choices:"),
@@ -41,7 +40,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_bad_input_is_one_line_exit_2(dpft, name):
+def test_bad_input_is_one_line_exit_2(run_dirs, dpft, name):
     args, expected = CASES[name]
     r = dpft("train", "debug=tiny", *args)
     assert r.exit_code == 2, (r.stdout, r.stderr, r.exception)
@@ -52,7 +51,7 @@ def test_bad_input_is_one_line_exit_2(dpft, name):
     assert run_dirs(dpft.output_dir) == []
 
 
-def test_unknown_flag_is_rejected_not_passed_to_hydra(dpft):
+def test_unknown_flag_is_rejected_not_passed_to_hydra(run_dirs, dpft):
     r = dpft("train", "--epsilon", "3")
     assert r.exit_code == 2
     assert "No such option" in r.stderr and "Traceback" not in r.stderr

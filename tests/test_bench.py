@@ -44,7 +44,7 @@ def test_bench_rejects_unknown_opacus_path(dpft):
     assert r.exit_code == 2 and "opacus-hooks, opacus-ghost" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_dpft_clipped_sum_equals_opacus_make_private():
+def test_dpft_clipped_sum_equals_opacus_make_private(opacus_update, sgd_update, tiny_batch, tiny_dp):
     """Independent implementation check: with σ = 0 and SGD at lr 1, one step of Opacus' own
     make_private (hooks, and ghost with its two-backward loss; two micro-batches through
     signal_skip_step) moves every parameter exactly as dpft's engine does in hooks, ghost and bk:
@@ -52,16 +52,17 @@ def test_dpft_clipped_sum_equals_opacus_make_private():
     division by the expected batch size."""
     import torch
 
-    from conftest import opacus_update, sgd_update, tiny_batch, tiny_dp
-    from dpft.bench import _chunks
+    from dpft.engine.batches import Encoded
+    from dpft.engine.batches import chunks as split
 
-    chunks = _chunks(tiny_batch(b=8, t=12), 4, None)
+    b = tiny_batch(b=8, t=12)
+    chunks = split(Encoded(b.input_ids, b.attention_mask, b.labels), list(range(8)), 4, "cpu")
     clip = 1e-3
     updates = {}
     for mode in ("hooks", "ghost", "bk"):
-        model, params, method, hooks, opt = tiny_dp(mode=mode, sigma=0.0, clip=clip, batch=8.0)
-        updates[mode] = sgd_update(model, params, method, hooks, opt, chunks, mode)
-        hooks.cleanup()
+        dp = tiny_dp(mode=mode, sigma=0.0, clip=clip, batch=8.0)
+        updates[mode] = sgd_update(dp, chunks)
+        dp.close()
     for mode in ("hooks", "ghost"):
         theirs = opacus_update(mode, clip, 8, chunks)
         total = torch.cat([u.flatten() for u in theirs.values()]).norm()

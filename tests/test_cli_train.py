@@ -8,7 +8,6 @@ import sys
 
 import pytest
 
-from conftest import read_run, run_dirs
 
 TINY = ["debug=tiny"]
 
@@ -17,7 +16,7 @@ def _mean(xs):
     return sum(xs) / len(xs)
 
 
-def test_nonprivate_loss_falls(dpft):
+def test_nonprivate_loss_falls(read_run, run_dirs, dpft):
     r = dpft("train", *TINY, "method=nonprivate", "train.steps=60", "optim.lr=3e-3", "train.lr_schedule=constant",
              "train.eval_every=30")
     assert r.exit_code == 0, r.stderr
@@ -33,7 +32,7 @@ def test_nonprivate_loss_falls(dpft):
 
 
 @pytest.mark.parametrize("mode", ["hooks", "ghost", "bk"])
-def test_dpsgd_spends_the_target_epsilon(dpft, mode):
+def test_dpsgd_spends_the_target_epsilon(read_run, run_dirs, dpft, mode):
     r = dpft("train", *TINY, f"engine.grad_sample_mode={mode}", "privacy.epsilon=3", "privacy.delta=1e-3")
     assert r.exit_code == 0, r.stderr
     (run,) = run_dirs(dpft.output_dir)
@@ -60,7 +59,7 @@ def test_dpsgd_spends_the_target_epsilon(dpft, mode):
     assert meta["status"] == "done" and meta["versions"]["opacus"]
 
 
-def test_rerun_of_finished_config_is_skipped_unless_forced(dpft):
+def test_rerun_of_finished_config_is_skipped_unless_forced(run_dirs, dpft):
     assert dpft("train", *TINY, "train.steps=2").exit_code == 0
     r = dpft("train", *TINY, "train.steps=2", "logger=none")  # logger is not part of the id
     assert r.exit_code == 0 and "already done" in r.stdout
@@ -76,26 +75,26 @@ def test_show_prints_resolved_config(dpft):
     assert "run id:" in r.stdout and "name: nonprivate" in r.stdout and "epsilon: 3" in r.stdout
 
 
-def test_steps_to_target_counts_first_eval_reaching_it(dpft):
+def test_steps_to_target_counts_first_eval_reaching_it(read_run, run_dirs, dpft):
     r = dpft("train", *TINY, "method=nonprivate", "train.steps=4", "train.eval_every=1", "task.target=0.01")
     assert r.exit_code == 0, r.stderr
     _, summary, _ = read_run(run_dirs(dpft.output_dir)[0])
     assert summary["steps_to_90"] == 1 and summary["steps_to_95"] == 1
 
 
-def test_ctrl_c_marks_run_interrupted(dpft, monkeypatch):
-    from dpft.engine import train as engine
+def test_ctrl_c_marks_run_interrupted(run_dirs, dpft, monkeypatch):
+    from dpft.engine.stepper import Stepper
 
     calls = {"n": 0}
-    real = engine.dp_step
+    real = Stepper.step
 
-    def flaky(**kw):
+    def flaky(self, *a, **kw):
         calls["n"] += 1
         if calls["n"] == 2:
             raise KeyboardInterrupt
-        return real(**kw)
+        return real(self, *a, **kw)
 
-    monkeypatch.setattr(engine, "dp_step", flaky)
+    monkeypatch.setattr(Stepper, "step", flaky)
     r = dpft("train", *TINY)
     assert r.exit_code == 130
     (run,) = run_dirs(dpft.output_dir)
@@ -103,7 +102,7 @@ def test_ctrl_c_marks_run_interrupted(dpft, monkeypatch):
     assert meta["status"] == "interrupted" and not (run / "summary.json").exists()
 
 
-def test_wandb_offline_run_lands_in_run_dir(dpft, monkeypatch):
+def test_wandb_offline_run_lands_in_run_dir(run_dirs, dpft, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     r = dpft("train", *TINY, "train.steps=2", "logger=auto")
@@ -121,7 +120,7 @@ def test_help_does_not_import_heavy_libraries():
     assert out.stdout.strip() == "[]"
 
 
-def test_lora_trains_adapters_and_they_move(dpft):
+def test_lora_trains_adapters_and_they_move(read_run, run_dirs, dpft):
     r = dpft("train", *TINY, "model.peft=lora", "train.steps=2")
     assert r.exit_code == 0, r.stderr
     metrics, summary, _ = read_run(run_dirs(dpft.output_dir)[0])
@@ -129,7 +128,7 @@ def test_lora_trains_adapters_and_they_move(dpft):
     assert summary["privacy"]["epsilon"] <= 8.0
 
 
-def test_update_that_moves_nothing_is_refused(dpft, monkeypatch):
+def test_update_that_moves_nothing_is_refused(run_dirs, dpft, monkeypatch):
     import torch
 
     # the update never reaches the weights (what Opacus #820 did to LoRA silently)
@@ -140,7 +139,7 @@ def test_update_that_moves_nothing_is_refused(dpft, monkeypatch):
     assert meta["status"] == "failed"
 
 
-def test_wandb_key_never_lands_in_the_run_dir(dpft, monkeypatch):
+def test_wandb_key_never_lands_in_the_run_dir(run_dirs, dpft, monkeypatch):
     secret = "dpft-test-secret-0123456789abcdef0123456789abcdef01"
     monkeypatch.setenv("WANDB_API_KEY", secret)
     monkeypatch.setenv("WANDB_MODE", "offline")  # credentials present, still no server contact

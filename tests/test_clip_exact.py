@@ -13,16 +13,18 @@ import types
 import pytest
 import torch
 
-from conftest import tiny_batch, tiny_dp
 from dpft.config import compose_run
+from dpft.engine.hooks import attach_hooks
 from dpft.engine.step import Batch, dp_step
-from dpft.engine.train import attach_hooks
+from dpft.engine.stepper import Stepper
 from dpft.errors import DpftError
 from dpft.methods import PrivacyParams, build_method
 
 
-def _release(model, params, method, hooks, chunks, mode, threads=1):
-    """One σ = 0 DP step -> (the released clipped sum S as {name: tensor}, dp_step's stats)."""
+def _release(dp, chunks, threads=1):
+    """One σ = 0 DP step of the Stepper `dp` with lr 0 (the weights stay) -> (the released
+    clipped sum S as {name: tensor}, dp_step's stats)."""
+    model, params, method = dp.model, dp.params, dp.method
     released = []
     post = method.postprocess
 
@@ -36,7 +38,7 @@ def _release(model, params, method, hooks, chunks, mode, threads=1):
     try:
         opt = torch.optim.SGD(list(params.values()), lr=0.0)
         stats = dp_step(model=model, chunks=chunks, method=method, params=params, optimizer=opt,
-                        noise_generator=torch.Generator().manual_seed(0), mode=mode, hooks=hooks, step=1,
+                        noise_generator=torch.Generator().manual_seed(0), mode=dp.mode, hooks=dp.hooks, step=1,
                         alignment=False)
     finally:
         torch.set_num_threads(before)
@@ -73,13 +75,12 @@ class _Cancelling(torch.nn.Module):
         return types.SimpleNamespace(logits=torch.stack([out, -out], -1))
 
 
-def _toy_dp(model, mode, clip=1.0, overrides=()):
-    model.train()
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    method = build_method(compose_run(["debug=tiny", f"engine.grad_sample_mode={mode}", *overrides]).cfg)
-    method.setup(model, params, PrivacyParams(sigma=0.0, clip_norm=clip, sample_rate=0.1, expected_batch_size=1.0,
-                                              steps=1, delta=1e-5))
-    return params, method, attach_hooks(model, mode, clip)
+def _toy_dp(model, mode, clip=1.0):
+    """A Stepper (hooks attached) for DP-SGD with σ = 0 and C = `clip` on a toy model."""
+    cfg = compose_run(["debug=tiny", f"engine.grad_sample_mode={mode}"]).cfg
+    return Stepper(model, build_method(cfg), cfg, steps=1,
+                   privacy=PrivacyParams(sigma=0.0, clip_norm=clip, sample_rate=0.1, expected_batch_size=1.0,
+                                         steps=1, delta=1e-5)).attach()
 
 
 # -- item 3: the fp32 clipped sum ------------------------------------------------------------------
@@ -91,12 +92,12 @@ def test_released_contribution_of_a_cancelling_example_is_at_most_C(mode, thread
     """Before the fix the contraction released up to 1.98·C (ghost) / 1.18·C (bk) at ε = 1e-4, and
     more at ε = 1e-6, although the float64 norms were exact."""
     model = _Cancelling(eps, t)
-    params, method, hooks = _toy_dp(model, mode)
+    dp = _toy_dp(model, mode)
     batch = Batch(torch.full((1, t), 3), torch.ones(1, t, dtype=torch.long), torch.tensor([1]))
     try:
-        released, _ = _release(model, params, method, hooks, [batch], mode, threads)
+        released, _ = _release(dp, [batch], threads)
     finally:
-        hooks.cleanup()
+        dp.close()
     norm = _norm(released)
     assert norm <= 1.0 * (1 + 1e-12), norm
     assert norm > 0  # shrunk by its rounding bound, not dropped
@@ -104,31 +105,28 @@ def test_released_contribution_of_a_cancelling_example_is_at_most_C(mode, thread
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("mode", ["ghost", "bk"])
-def test_each_released_contribution_at_most_C_on_the_tiny_model(mode, threads):
+def test_each_released_contribution_at_most_C_on_the_tiny_model(tiny_batch, tiny_dp, mode, threads):
     """Ordinary inputs, huge gradients (head × 1e4): every single-example release is ≤ C with no slack,
     and the bound costs next to nothing (≥ C·(1 − 1e-4))."""
     clip = 0.3
-    model, params, method, hooks, _ = tiny_dp(mode=mode, sigma=0.0, clip=clip, batch=1.0, scale_head=1e4)
+    dp = tiny_dp(mode=mode, sigma=0.0, clip=clip, batch=1.0, scale_head=1e4)
     from dpft.models import model_inputs
 
-    try:
-        for i in range(3):
-            batch = tiny_batch(1, seed=i)
-            with torch.no_grad():
-                batch.labels = model(**model_inputs(model, batch.input_ids, batch.attention_mask)).logits.argmin(-1)
-            norm = _norm(_release(model, params, method, hooks, [batch], mode, threads)[0])
-            assert clip * (1 - 1e-4) <= norm <= clip, norm
-    finally:
-        hooks.cleanup()
+    for i in range(3):
+        batch = tiny_batch(1, seed=i)
+        with torch.no_grad():
+            batch.labels = dp.model(**model_inputs(dp.model, batch.input_ids, batch.attention_mask)).logits.argmin(-1)
+        norm = _norm(_release(dp, [batch], threads)[0])
+        assert clip * (1 - 1e-4) <= norm <= clip, norm
 
 
-def test_bounded_ghost_and_bk_sums_still_match_hooks():
+def test_bounded_ghost_and_bk_sums_still_match_hooks(tiny_batch, tiny_dp):
     """The bound shrinks ordinary examples by ~1e-5: the three modes still release the same sum."""
     out = {}
     for mode in ("hooks", "ghost", "bk"):
-        model, params, method, hooks, _ = tiny_dp(mode=mode, sigma=0.0, clip=0.05, batch=1.0)
-        out[mode] = _release(model, params, method, hooks, [tiny_batch(6, seed=3), tiny_batch(4, seed=5)], mode)[0]
-        hooks.cleanup()
+        dp = tiny_dp(mode=mode, sigma=0.0, clip=0.05, batch=1.0)
+        out[mode] = _release(dp, [tiny_batch(6, seed=3), tiny_batch(4, seed=5)])[0]
+        dp.close()
     for name, ref in out["hooks"].items():
         for mode in ("ghost", "bk"):
             torch.testing.assert_close(out[mode][name], ref, rtol=1e-4, atol=1e-7)
@@ -145,16 +143,12 @@ def test_half_precision_weights_with_ghost_are_refused_before_the_run_dir(dpft, 
     assert not (dpft.output_dir / "runs").exists()
 
 
-def test_half_precision_weights_with_bk_keep_the_bound_exact():
+def test_half_precision_weights_with_bk_keep_the_bound_exact(tiny_batch, tiny_dp):
     """bk sums in fp32 the very bf16 values whose norms were taken: exact, so it stays allowed."""
     clip = 0.3
-    model, params, method, hooks, _ = tiny_dp("model.dtype=bfloat16", mode="bk", sigma=0.0, clip=clip, batch=1.0,
-                                             scale_head=1e4)
-    assert next(iter(params.values())).dtype == torch.bfloat16
-    try:
-        norm = _norm(_release(model, params, method, hooks, [tiny_batch(1, seed=1)], "bk")[0])
-    finally:
-        hooks.cleanup()
+    dp = tiny_dp("model.dtype=bfloat16", mode="bk", sigma=0.0, clip=clip, batch=1.0, scale_head=1e4)
+    assert next(iter(dp.params.values())).dtype == torch.bfloat16
+    norm = _norm(_release(dp, [tiny_batch(1, seed=1)])[0])
     assert clip * 0.999 <= norm <= clip, norm
 
 
@@ -162,7 +156,7 @@ def test_half_precision_weights_with_bk_keep_the_bound_exact():
 
 @pytest.mark.parametrize("mode", ["hooks", "ghost", "bk"])
 @pytest.mark.parametrize("method_name", ["dpsgd", "psasc"])
-def test_a_non_finite_example_contributes_nothing_and_the_step_goes_on(mode, method_name):
+def test_a_non_finite_example_contributes_nothing_and_the_step_goes_on(tiny_batch, tiny_dp, mode, method_name):
     """One example's embedding row is NaN: its loss and gradient are NaN. It gets factor 0, is masked
     out of every contraction (0·NaN would poison the sum) and counted in stats["nonfinite"]; the
     release equals that of the batch without it."""
@@ -170,17 +164,14 @@ def test_a_non_finite_example_contributes_nothing_and_the_step_goes_on(mode, met
                  "+model.arch.attention_probs_dropout_prob=0"]
     sums = {}
     for with_bad in (True, False):
-        model, params, method, hooks, _ = tiny_dp(*overrides, mode=mode, sigma=0.0, clip=0.05, batch=1.0)
+        dp = tiny_dp(*overrides, mode=mode, sigma=0.0, clip=0.05, batch=1.0)
         batch = tiny_batch(3, seed=4)
         with torch.no_grad():
-            model.bert.embeddings.word_embeddings.weight[7] = float("nan")
+            dp.model.bert.embeddings.word_embeddings.weight[7] = float("nan")
         batch.input_ids[1, 3] = 7
         if not with_bad:
             batch = Batch(batch.input_ids[[0, 2]], batch.attention_mask[[0, 2]], batch.labels[[0, 2]])
-        try:
-            released, stats = _release(model, params, method, hooks, [batch], mode)
-        finally:
-            hooks.cleanup()
+        released, stats = _release(dp, [batch])
         assert all(torch.isfinite(t).all() for t in released.values())
         assert stats["nonfinite"] == (1 if with_bad else 0)
         sums[with_bad] = released
@@ -188,9 +179,7 @@ def test_a_non_finite_example_contributes_nothing_and_the_step_goes_on(mode, met
         torch.testing.assert_close(sums[True][name], ref, rtol=1e-4, atol=1e-7)
 
 
-def test_runs_log_the_nonfinite_count(dpft):
-    from conftest import read_run, run_dirs
-
+def test_runs_log_the_nonfinite_count(read_run, run_dirs, dpft):
     r = dpft("train", "debug=tiny", "engine.grad_sample_mode=bk", "train.eval_every=null", "train.steps=2")
     assert r.exit_code == 0, r.stderr
     metrics, _, _ = read_run(run_dirs(dpft.output_dir)[0])
@@ -224,11 +213,10 @@ def test_a_weight_read_outside_its_layer_call_is_refused(mode):
 
 
 @pytest.mark.parametrize("mode", ["ghost", "bk"])
-def test_the_attach_check_leaves_rng_and_gradients_as_they_were(mode):
-    from conftest import tiny_dp as build
-
-    model, params, _, hooks, _ = build(mode="hooks")
-    hooks.cleanup()
+def test_the_attach_check_leaves_rng_and_gradients_as_they_were(tiny_dp, mode):
+    dp = tiny_dp(mode="hooks")
+    dp.close()
+    model, params = dp.model, dp.params
     state = torch.get_rng_state()
     hooks = attach_hooks(model, mode, 1.0)  # runs the synthetic forward/backward (dropout draws)
     try:

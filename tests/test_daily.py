@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import read_run, run_dirs
 
 TINY = ["debug=tiny", "runtime.progress=none"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +45,7 @@ def _wait_for(cond, timeout=180.0, proc=None):
 # --------------------------------------------------------------------------- 1. the run lock
 
 
-def test_second_process_on_a_live_run_refuses_then_waits(tmp_path):
+def test_second_process_on_a_live_run_refuses_then_waits(read_run, run_dirs, tmp_path):
     """Two real `dpft train` processes of one config: the second refuses in one line naming the
     owner; with --wait it waits, then finds the run done. One attempt, steps 1..N once."""
     out = tmp_path / "o"
@@ -125,21 +124,21 @@ def test_lock_excludes_racing_processes_and_survives_a_dead_owner(tmp_path):
 
 
 def _interrupt_at(monkeypatch, call: int):
-    from dpft.engine import train as engine
+    from dpft.engine.stepper import Stepper
 
     calls = {"n": 0}
-    real = engine.dp_step
+    real = Stepper.step
 
-    def flaky(**kw):
+    def flaky(self, *a, **kw):
         calls["n"] += 1
         if calls["n"] == call:
             raise KeyboardInterrupt
-        return real(**kw)
+        return real(self, *a, **kw)
 
-    monkeypatch.setattr(engine, "dp_step", flaky)
+    monkeypatch.setattr(Stepper, "step", flaky)
 
 
-def test_plain_rerun_resumes_a_checkpoint_and_ctrl_c_prints_the_command(dpft, monkeypatch):
+def test_plain_rerun_resumes_a_checkpoint_and_ctrl_c_prints_the_command(read_run, run_dirs, dpft, monkeypatch):
     args = [*TINY, "train.steps=8", "train.eval_every=4", "runtime.checkpoint_every=2"]
     _interrupt_at(monkeypatch, 5)  # steps 1-4 done, checkpoint at 4
     r = dpft("train", *args)
@@ -156,7 +155,7 @@ def test_plain_rerun_resumes_a_checkpoint_and_ctrl_c_prints_the_command(dpft, mo
     assert not (run / "attempts").exists()  # nothing was archived
 
 
-def test_restart_archives_and_resume_without_checkpoint_says_so(dpft, monkeypatch):
+def test_restart_archives_and_resume_without_checkpoint_says_so(read_run, run_dirs, dpft, monkeypatch):
     args = [*TINY, "train.steps=6", "runtime.checkpoint_every=2"]
     _interrupt_at(monkeypatch, 3)  # checkpoint at 2
     assert dpft("train", *args).exit_code == 130
@@ -176,7 +175,7 @@ def test_restart_archives_and_resume_without_checkpoint_says_so(dpft, monkeypatc
 
 
 @pytest.mark.parametrize("flags", [["--force", "--resume"], ["--restart", "--resume"]])
-def test_contradictory_flags_are_refused(dpft, flags):
+def test_contradictory_flags_are_refused(run_dirs, dpft, flags):
     r = dpft("train", *TINY, *flags)
     assert r.exit_code == 2 and "pick one" in r.stderr
     assert run_dirs(dpft.output_dir) == []
@@ -283,7 +282,7 @@ def test_rich_progress_fits_80_columns():
     assert text.index("500/1000") >= 20 and text.startswith("━" * 10), text  # the bar keeps its 20 cells
 
 
-def test_plain_train_logs_progress_lines_in_a_pipe(dpft):
+def test_plain_train_logs_progress_lines_in_a_pipe(read_run, run_dirs, dpft):
     r = dpft("train", "debug=tiny", "runtime.progress=plain", "train.eval_every=null", "train.steps=4")
     assert r.exit_code == 0, r.stderr
     lines = re.findall(r"\] step (\d+)/4 +(.*)", r.stderr)
@@ -358,7 +357,7 @@ def test_stand_in_tokenizer_is_part_of_the_config_and_id(tmp_path):
 # --------------------------------------------------------------------------- 7. the run browser
 
 
-def test_runs_lists_filters_and_diff_compares(dpft):
+def test_runs_lists_filters_and_diff_compares(run_dirs, dpft):
     assert dpft("train", *TINY, "train.steps=2", "method=nonprivate").exit_code == 0
     assert dpft("train", *TINY, "train.steps=2", "privacy.epsilon=3").exit_code == 0
     out = f"paths.output_dir={dpft.output_dir}"
@@ -452,7 +451,7 @@ def _read_wandb_history(path: Path) -> list[int]:
     return steps
 
 
-def test_wandb_segments_of_a_resumed_run_do_not_overlap(dpft, monkeypatch):
+def test_wandb_segments_of_a_resumed_run_do_not_overlap(read_run, run_dirs, dpft, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     args = [*TINY, "train.steps=6", "train.eval_every=null", "runtime.checkpoint_every=3", "logger=offline"]
     _interrupt_at(monkeypatch, 6)  # steps 1-5 logged (to W&B too), checkpoint at 3
@@ -471,7 +470,7 @@ def test_wandb_segments_of_a_resumed_run_do_not_overlap(dpft, monkeypatch):
     assert [m["step"] for m in metrics] == list(range(1, 7))
 
 
-def test_logger_online_without_credentials_falls_back_to_offline(dpft, monkeypatch, tmp_path, caplog):
+def test_logger_online_without_credentials_falls_back_to_offline(run_dirs, dpft, monkeypatch, tmp_path, caplog):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
@@ -482,7 +481,7 @@ def test_logger_online_without_credentials_falls_back_to_offline(dpft, monkeypat
     assert "logging offline" in caplog.text + r.stderr
 
 
-def test_run_files_share_one_permission_policy(dpft):
+def test_run_files_share_one_permission_policy(run_dirs, dpft):
     old = os.umask(0o022)
     try:
         assert dpft("train", *TINY, "train.steps=2").exit_code == 0

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import read_run, run_dirs
-
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])  # seed 1 sat at chance with the old lr 1e-3: not one lucky seed
-def test_default_job_learns_under_dp(dpft, seed):
+def test_default_job_learns_under_dp(read_run, run_dirs, dpft, seed):
     # the true default: fresh noise from the OS every run (the fixture would make it seeded)
     r = dpft("train", "runtime.progress=none", "privacy.noise=secure", *([f"seed={seed}"] if seed else []))
     assert r.exit_code == 0, r.stderr

@@ -13,7 +13,6 @@ import torch
 from omegaconf import OmegaConf
 
 import dpft.methods.denoise as dn
-from conftest import read_run, run_dirs
 from dpft.config import CONF_DIR
 from dpft.methods.denoise import DenoiseWarning, bbp_forward, bbp_inverse, denoise_batch, denoise_matrix, overlaps, shrink
 from dpft.methods.denoise import linalg
@@ -472,7 +471,7 @@ def test_bad_method_options_are_one_line_errors(dpft, override, message):
 # ---------------------------------------------------------------------------------------------
 # Through the real CLI
 # ---------------------------------------------------------------------------------------------
-def test_cli_denoise_improves_alignment_on_the_tiny_model(dpft):
+def test_cli_denoise_improves_alignment_on_the_tiny_model(read_run, run_dirs, dpft):
     # hidden size 32 drowns most layers in noise: a large ε and batch make some layers' signal
     # cross the threshold, which is the regime the method is for
     r = dpft("train", "debug=tiny", "method=denoise", "diagnostics.per_layer=true", "privacy.epsilon=50",

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import read_run, run_dirs
 from dpft.config import compose_run
 from dpft.data import table2text
 from dpft.data.tasks import load_task
@@ -273,24 +272,22 @@ def test_loss_is_on_target_tokens_only():
     assert int((enc.labels != -100).sum()) == int(counts.sum())
 
 
-def _dp_update(model, params, mode, chunks, clip, b, sigma=0.0):
-    from dpft.engine.step import dp_step
-    from dpft.engine.train import attach_hooks
+def _dp_update(model, mode, chunks, clip, b, sigma=0.0):
+    """One DP step of the training Stepper on `model` with SGD at lr 1 -> ({name: update}, stats)."""
+    from dpft.engine.stepper import Stepper
     from dpft.methods import PrivacyParams, build_method
 
-    spec = compose_run(["task=e2e", "model=tiny-gpt2", f"engine.grad_sample_mode={mode}"])
-    method = build_method(spec.cfg)
-    method.setup(model, params, PrivacyParams(sigma=sigma, clip_norm=clip, sample_rate=0.1, expected_batch_size=b,
-                                              steps=1, delta=1e-5))
-    hooks = attach_hooks(model, mode, clip)
-    opt = torch.optim.SGD(list(params.values()), lr=1.0)
+    spec = compose_run(["task=e2e", "model=tiny-gpt2", f"engine.grad_sample_mode={mode}", "optim=sgd", "optim.lr=1.0",
+                        "optim.momentum=0.0", "optim.weight_decay=0.0", "train.lr_schedule=constant"])
+    dp = Stepper(model, build_method(spec.cfg), spec.cfg, steps=1,
+                 privacy=PrivacyParams(sigma=sigma, clip_norm=clip, sample_rate=0.1, expected_batch_size=b, steps=1,
+                                       delta=1e-5)).attach()
+    params = dp.params
     before = {n: p.detach().clone() for n, p in params.items()}
     try:
-        stats = dp_step(model=model, chunks=chunks, method=method, params=params, optimizer=opt,
-                        noise_generator=torch.Generator().manual_seed(0), mode=mode, hooks=hooks, step=1,
-                        alignment=False)
+        stats = dp.step(chunks, 1, noise=torch.Generator().manual_seed(0))
     finally:
-        hooks.cleanup()
+        dp.close()
     return {n: before[n] - p.detach() for n, p in params.items()}, stats
 
 
@@ -315,7 +312,7 @@ def test_per_sequence_gradients_are_exact(mode, arch):
         for (n, _), g in zip(params.items(), grads):
             ref[n] += g / 5
     chunks = [enc.batch([0, 1, 2], torch.device("cpu")), enc.batch([3, 4], torch.device("cpu"))]
-    update, stats = _dp_update(model, params, mode, chunks, clip=1e6, b=5.0)
+    update, stats = _dp_update(model, mode, chunks, clip=1e6, b=5.0)
     assert stats["clipped_frac"] == 0.0
     for n in params:
         assert torch.allclose(update[n], ref[n], atol=1e-6, rtol=1e-4), n
@@ -329,10 +326,8 @@ def test_each_sequence_contributes_at_most_C(mode, arch):
     with torch.no_grad():  # adversarial: huge gradients through the output layer
         model.lm_head.weight.mul_(50.0)
     _, enc = _encode(spec, tok, _rows(3, 7), reduction="sum")
-    model.train()
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     for i in range(3):
-        update, stats = _dp_update(model, params, mode, [enc.batch([i], torch.device("cpu"))], clip=clip, b=1.0)
+        update, stats = _dp_update(model, mode, [enc.batch([i], torch.device("cpu"))], clip=clip, b=1.0)
         norm = math.sqrt(sum(float(u.double().pow(2).sum()) for u in update.values()))
         assert stats["clipped_frac"] == 1.0 and stats["grad_norm_median"] > 10 * clip
         assert norm <= clip * (1 + 1e-4) and norm >= 0.99 * clip
@@ -406,7 +401,7 @@ def test_metrics_group_references():
 # -- the CLI end to end --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
-def test_cli_dpsgd_e2e(dpft, tmp_path, mode):
+def test_cli_dpsgd_e2e(read_run, run_dirs, dpft, tmp_path, mode):
     d = write_e2e(tmp_path / "e2e")
     r = dpft("train", *TINY, f"task.data_dir={d}", f"engine.grad_sample_mode={mode}", "train.steps=4",
              "train.eval_every=2", "privacy.epsilon=3")
@@ -433,7 +428,7 @@ def test_cli_dpsgd_e2e(dpft, tmp_path, mode):
     assert meta["status"] == "done"
 
 
-def test_decode_interval_and_learning(dpft, tmp_path):
+def test_decode_interval_and_learning(read_run, run_dirs, dpft, tmp_path):
     """Non-private tiny GPT-2 learns the templates: eval loss falls and BLEU rises (measured: 2 →
     46 from step 20 to 40); BLEU is computed only at the decode interval (and the last step), and
     steps-to-target reads it."""
@@ -469,7 +464,7 @@ def test_bad_generation_input_is_one_line(dpft, tmp_path, args, match):
     assert "Traceback" not in r.stderr
 
 
-def test_lora_on_a_causal_lm_keeps_embeddings_tied(dpft, tmp_path):
+def test_lora_on_a_causal_lm_keeps_embeddings_tied(read_run, run_dirs, dpft, tmp_path):
     """LoRA adapters on GPT-2 under ghost clipping: the frozen tied embedding needs no untying,
     the peft model is the causal-LM kind (generate works), and the run trains and decodes."""
     d = write_e2e(tmp_path / "e2e")

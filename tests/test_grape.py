@@ -9,29 +9,31 @@ import math
 import pytest
 import torch
 
-from conftest import read_run, run_dirs, tiny_batch, tiny_dp
 from dpft.config import compose_run
 from dpft.engine import accountant as acct
-from dpft.engine.step import dp_step, per_sample_loss
-from dpft.engine.train import attach_hooks
+from dpft.engine.hooks import attach_hooks
+from dpft.engine.step import per_sample_loss
 from dpft.errors import DpftError
-from dpft.methods import PrivacyParams, build_method
 from dpft.methods.grape import GrapeAdam, Projector, ProjectedLinear
 from dpft.models import load_classifier, model_inputs
 
 
-_batch = tiny_batch
+@pytest.fixture
+def grape_dp(tiny_dp):
+    """grape_dp(*overrides, mode, sigma, clip, batch, scale_head) -> tiny_dp's Stepper for
+    method=grape with its own optimizer (GrapeAdam), planned for 100 steps."""
+    def build(*overrides, mode="hooks", sigma=1.0, clip=1.0, batch=8.0, scale_head=None):
+        return tiny_dp("method=grape", *overrides, mode=mode, sigma=sigma, clip=clip, batch=batch,
+                       scale_head=scale_head, steps=100, method_optimizer=True)
+
+    return build
 
 
-def _setup(*overrides, mode="hooks", sigma=1.0, clip=1.0, batch=8.0, scale_head=None):
-    return tiny_dp("method=grape", *overrides, mode=mode, sigma=sigma, clip=clip, batch=batch,
-                   scale_head=scale_head, steps=100, method_optimizer=True)
-
-
-def _step(model, params, method, hooks, opt, chunks, mode, step=1, seed=0):
-    """One dp_step; returns what apply_update received (the privatised mean, projected space)
-    and, for projected weights, that tensor mapped back with the step's P."""
+def update_received(dp, chunks, step=1, seed=0):
+    """One step of the Stepper `dp`; returns what apply_update received (the privatised mean,
+    projected space) and, for projected weights, that tensor mapped back with the step's P."""
     seen = {}
+    method = dp.method
     orig = method.apply_update
 
     def spy(params_, grads, optimizer, step_):
@@ -41,9 +43,7 @@ def _step(model, params, method, hooks, opt, chunks, mode, step=1, seed=0):
 
     method.apply_update = spy
     try:
-        dp_step(model=model, chunks=chunks, method=method, params=params, optimizer=opt,
-                noise_generator=torch.Generator().manual_seed(seed), mode=mode, hooks=hooks, step=step,
-                alignment=False)
+        dp.step(chunks, step, noise=torch.Generator().manual_seed(seed))
     finally:
         method.apply_update = orig
     return seen
@@ -53,15 +53,16 @@ def _step(model, params, method, hooks, opt, chunks, mode, step=1, seed=0):
 
 
 @pytest.mark.parametrize("side", ["auto", "in", "out"])
-def test_projected_grad_samples_equal_projection_of_materialised(side, monkeypatch):
+def test_projected_grad_samples_equal_projection_of_materialised(grape_dp, tiny_batch, side, monkeypatch):
     # every b × m × n-shaped Linear is projected here (pooler too), so any such tensor is a leak
-    model, params, method, hooks, _ = _setup(f"method.side={side}", "method.rank=8", "method.layers.exclude=[classifier]")
+    dp = grape_dp(f"method.side={side}", "method.rank=8", "method.layers.exclude=[classifier]")
+    model, params, method = dp.model, dp.params, dp.method
     assert {type(m) for _, m in method._layers} == {ProjectedLinear}
     sides = {pr.side for pr in method.projectors.values()}
     assert sides == ({"in", "out"} if side == "auto" else {side})  # tiny BERT has 64×32 and 32×64
     ref = load_classifier(compose_run(["debug=tiny"]).cfg.model, 2, seed=0).train()  # plain nn.Linear
     ref_hooks = attach_hooks(ref, "hooks", 1.0)
-    batch = _batch(5, 10)
+    batch = tiny_batch(5, 10)
     torch.manual_seed(5)  # same dropout masks in both models
     per_sample_loss(ref, batch).sum().backward()
     full = {n: p.grad_sample for n, p in ref.named_parameters() if p.requires_grad}
@@ -80,53 +81,54 @@ def test_projected_grad_samples_equal_projection_of_materialised(side, monkeypat
         assert p.grad_sample.shape == (5, *proj.projected_shape)
         torch.testing.assert_close(p.grad_sample, proj.project(full[name]), rtol=1e-4, atol=1e-6)
         assert (5, *p.shape) not in shapes, f"{name}: the b × m × n per-sample gradient was formed"
-    hooks.cleanup()
     ref_hooks.cleanup()
 
 
-def test_projection_matrix_is_regenerated_not_stored_and_refreshed():
-    model, params, method, hooks, opt = _setup("method.refresh=2", "method.reset_moments=false", sigma=0.5)
+def test_projection_matrix_is_regenerated_not_stored_and_refreshed(grape_dp, tiny_batch):
+    dp = grape_dp("method.refresh=2", "method.reset_moments=false", sigma=0.5)
+    params, method, opt = dp.params, dp.method, dp.optimizer
     proj = next(iter(method.projectors.values()))
     assert not any(isinstance(v, torch.Tensor) for v in vars(proj).values())
     torch.testing.assert_close(proj.matrix("cpu"), proj.matrix("cpu"))  # same seed, same P
     seeds = []
     for step in range(1, 6):
         seeds.append(proj.seed)
-        _step(model, params, method, hooks, opt, [_batch(4, seed=step)], "hooks", step=step)
+        update_received(dp, [tiny_batch(4, seed=step)], step=step)
     assert seeds[0] == seeds[1] != seeds[2] == seeds[3] != seeds[4]
     pname = next(iter(method.projectors))
     state = opt.state[params[pname]]
     assert state["step"] == 5 and state["exp_avg"].shape == proj.projected_shape  # kept across refreshes
     # resume: a fresh method restores the same projection from its state
-    _, _, other, h2, _ = _setup("method.refresh=2")
+    dp = grape_dp("method.refresh=2")
+    other = dp.method
     other.load_state_dict(method.state_dict())
     assert next(iter(other.projectors.values())).seed == proj.seed
     # a different projection seed gives a different P
-    _, _, third, h3, _ = _setup("method.refresh=2", "method.seed=7")
+    dp = grape_dp("method.refresh=2", "method.seed=7")
+    third = dp.method
     assert next(iter(third.projectors.values())).seed != seeds[0]
-    for h in (hooks, h2, h3):
-        h.cleanup()
 
 
-def test_reset_moments_on_refresh():
-    model, params, method, hooks, opt = _setup("method.refresh=2", "method.reset_moments=true")
+def test_reset_moments_on_refresh(grape_dp, tiny_batch):
+    dp = grape_dp("method.refresh=2", "method.reset_moments=true")
+    params, method, opt = dp.params, dp.method, dp.optimizer
     pname = next(iter(method.projectors))
     for step in (1, 2, 3):
-        _step(model, params, method, hooks, opt, [_batch(4, seed=step)], "hooks", step=step)
+        update_received(dp, [tiny_batch(4, seed=step)], step=step)
     assert opt.state[params[pname]]["step"] == 1  # reset after step 2, one step in the new subspace
     other = next(n for n in params if n not in method.projectors)
     assert opt.state[params[other]]["step"] == 3
-    hooks.cleanup()
 
 
 # ---------------------------------------------------------------- privacy in the projected space
 
 
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
-def test_noise_std_sigma_C_in_the_projected_space(mode):
+def test_noise_std_sigma_C_in_the_projected_space(grape_dp, mode):
     sigma, clip, b = 1.7, 0.5, 8.0
-    model, params, method, hooks, opt = _setup(mode=mode, sigma=sigma, clip=clip, batch=b)
-    seen = _step(model, params, method, hooks, opt, [], mode)  # empty Poisson draw: only noise
+    dp = grape_dp(mode=mode, sigma=sigma, clip=clip, batch=b)
+    params, method = dp.params, dp.method
+    seen = update_received(dp, [])  # empty Poisson draw: only noise
     for name, p in params.items():
         assert seen[name].shape == method.space_shape(name, p)
     z = torch.cat([seen[n].flatten() for n in params]) * b
@@ -137,43 +139,42 @@ def test_noise_std_sigma_C_in_the_projected_space(mode):
     assert abs(z.mean().item()) < 5 * sigma * clip / math.sqrt(n)
     proj_z = torch.cat([seen[k].flatten() for k in method.projectors]) * b
     assert proj_z.std().item() == pytest.approx(sigma * clip, rel=5 / math.sqrt(2 * proj_z.numel()))
-    hooks.cleanup()
 
 
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
 @pytest.mark.parametrize("scale", [1.0, 1e4])
-def test_each_example_contributes_at_most_C(mode, scale):
+def test_each_example_contributes_at_most_C(grape_dp, tiny_batch, mode, scale):
     clip = 0.3
-    model, params, method, hooks, opt = _setup(mode=mode, sigma=0.0, clip=clip, batch=1.0, scale_head=scale)
+    dp = grape_dp(mode=mode, sigma=0.0, clip=clip, batch=1.0, scale_head=scale)
+    model, params, method = dp.model, dp.params, dp.method
     for proj in method.projectors.values():  # whatever P's entries: clipping is after projection
         proj.std = 1e3
     for i in range(3):
-        batch = _batch(1, seed=i)
+        batch = tiny_batch(1, seed=i)
         if scale > 1:  # label the losing class so the saturated softmax still has a huge gradient
             with torch.no_grad():
                 logits = model(**model_inputs(model, batch.input_ids, batch.attention_mask)).logits
             batch.labels = logits.argmin(-1)
-        seen = _step(model, params, method, hooks, opt, [batch], mode, step=i + 1)
+        seen = update_received(dp, [batch], step=i + 1)
         norm = math.sqrt(sum(float(seen[n].double().pow(2).sum()) for n in params))
         assert norm <= clip * (1 + 1e-4), norm
         if scale > 1:
             assert norm == pytest.approx(clip, rel=1e-3)
-    hooks.cleanup()
 
 
-def test_hooks_ghost_and_bk_give_the_same_privatised_gradient():
+def test_hooks_ghost_and_bk_give_the_same_privatised_gradient(grape_dp, tiny_batch):
     out = {}
     for mode in ("hooks", "ghost", "bk"):
-        model, params, method, hooks, opt = _setup(mode=mode, sigma=0.5, clip=0.05, batch=6.0)
-        out[mode] = _step(model, params, method, hooks, opt, [_batch(6, seed=3)], mode, seed=11)
-        hooks.cleanup()
+        dp = grape_dp(mode=mode, sigma=0.5, clip=0.05, batch=6.0)
+        params = dp.params
+        out[mode] = update_received(dp, [tiny_batch(6, seed=3)], seed=11)
     for name in params:
         torch.testing.assert_close(out["ghost"][name], out["hooks"][name], rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(out["bk"][name], out["hooks"][name], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["ghost", "hooks"])
-def test_cli_end_to_end_spends_dp_sgd_epsilon(dpft, mode):
+def test_cli_end_to_end_spends_dp_sgd_epsilon(read_run, run_dirs, dpft, mode):
     r = dpft("train", "debug=tiny", "method=grape", f"engine.grad_sample_mode={mode}", "method.rank=8",
              "privacy.epsilon=3", "privacy.delta=1e-3")
     assert r.exit_code == 0, r.stderr
@@ -185,9 +186,8 @@ def test_cli_end_to_end_spends_dp_sgd_epsilon(dpft, mode):
     sigma = acct.calibrate_sigma(3.0, 1e-3, q, 6, "rdp")
     assert led["sigma"] == pytest.approx(sigma, rel=1e-12) and led["sensitivity"] == led["clip_norm"]
     assert led["history"] == [[pytest.approx(sigma), pytest.approx(q), 6]]
-    dpsgd = acct.make_accountant("rdp")
-    dpsgd.history = [(sigma, q, 6)]
-    assert led["epsilon"] == pytest.approx(acct.epsilon_of(dpsgd, 1e-3), rel=1e-9)
+    dpsgd = acct.Accountant("rdp", history=[(sigma, q, 6)])
+    assert led["epsilon"] == pytest.approx(dpsgd.epsilon(1e-3), rel=1e-9)
     assert 0.95 * 3 <= led["epsilon"] <= 3.0 and led["accountants_disagree"] is False
     assert summary["method"] == "grape" and meta["status"] == "done"
     losses = [m["train/loss"] for m in metrics if "train/loss" in m]
@@ -201,81 +201,70 @@ def test_cli_end_to_end_spends_dp_sgd_epsilon(dpft, mode):
 # ---------------------------------------------------------------- Adam in the projected space
 
 
-def _dpadam(sigma, clip, batch, lr):
-    spec = compose_run(["debug=tiny", "engine.grad_sample_mode=hooks", f"optim.lr={lr}"])
-    model = load_classifier(spec.cfg.model, 2, seed=0).train()
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    method = build_method(spec.cfg)
-    method.setup(model, params, PrivacyParams(sigma=sigma, clip_norm=clip, sample_rate=0.1,
-                                              expected_batch_size=batch, steps=100, delta=1e-5))
-    hooks = attach_hooks(model, "hooks", clip)
-    return model, params, method, hooks, method.build_optimizer(params, spec.cfg.optim)
+@pytest.fixture
+def dpadam_dp(tiny_dp):
+    """dpadam_dp(sigma, clip, batch, lr) -> tiny_dp's Stepper for DP-Adam (method=dpsgd, AdamW at lr)."""
+    def build(sigma, clip, batch, lr):
+        return tiny_dp(f"optim.lr={lr}", sigma=sigma, clip=clip, batch=batch, steps=100, method_optimizer=True)
+
+    return build
 
 
-def test_rank_null_is_exactly_dp_adam():
+def test_rank_null_is_exactly_dp_adam(grape_dp, dpadam_dp, tiny_batch):
     runs = {}
-    for name, built in (("grape", _setup("method.rank=null", sigma=0.8, clip=0.1, batch=6.0)),
-                        ("dpadam", _dpadam(0.8, 0.1, 6.0, 1e-3))):
-        model, params, method, hooks, opt = built
-        assert isinstance(opt, GrapeAdam if name == "grape" else torch.optim.AdamW)
+    for name, dp in (("grape", grape_dp("method.rank=null", sigma=0.8, clip=0.1, batch=6.0)),
+                     ("dpadam", dpadam_dp(0.8, 0.1, 6.0, 1e-3))):
+        assert isinstance(dp.optimizer, GrapeAdam if name == "grape" else torch.optim.AdamW)
         for step in (1, 2, 3):
             torch.manual_seed(step)  # same dropout masks in both runs
-            dp_step(model=model, chunks=[_batch(6, seed=step)], method=method, params=params, optimizer=opt,
-                    noise_generator=torch.Generator().manual_seed(step), mode="hooks", hooks=hooks, step=step,
-                    alignment=False)
-        runs[name] = {n: p.detach().clone() for n, p in params.items()}
-        hooks.cleanup()
+            dp.step([tiny_batch(6, seed=step)], step, noise=torch.Generator().manual_seed(step))
+        runs[name] = {n: p.detach().clone() for n, p in dp.params.items()}
     for n in runs["dpadam"]:
         torch.testing.assert_close(runs["grape"][n], runs["dpadam"][n], rtol=1e-5, atol=1e-7)
 
 
-def test_adam_moments_are_the_projection_of_dp_adams():
+def test_adam_moments_are_the_projection_of_dp_adams(grape_dp, dpadam_dp, tiny_batch):
     """No clipping, no noise, lr ≈ 0 (1e-30: the weights do not move in float32), fixed P:
     Adam's first moment is linear in the gradients, so GRAPE's projected moment must equal the
     P-projection of DP-Adam's."""
-    g_model, g_params, grape, g_hooks, g_opt = _setup("optim.lr=1e-30", sigma=0.0, clip=1e6, batch=4.0)
-    d_model, d_params, dpadam, d_hooks, d_opt = _dpadam(0.0, 1e6, 4.0, 1e-30)
+    g = grape_dp("optim.lr=1e-30", sigma=0.0, clip=1e6, batch=4.0)
+    d = dpadam_dp(0.0, 1e6, 4.0, 1e-30)
     for step in (1, 2, 3):
-        for model, params, method, hooks, opt in ((g_model, g_params, grape, g_hooks, g_opt),
-                                                  (d_model, d_params, dpadam, d_hooks, d_opt)):
+        for dp in (g, d):
             torch.manual_seed(step)  # same dropout masks in both models
-            dp_step(model=model, chunks=[_batch(4, seed=step)], method=method, params=params, optimizer=opt,
-                    noise_generator=torch.Generator().manual_seed(0), mode="hooks", hooks=hooks, step=step,
-                    alignment=False)
-    for name, p in g_params.items():
-        gs, ds = g_opt.state[p], d_opt.state[d_params[name]]
-        proj = grape.projectors.get(name)
+            dp.step([tiny_batch(4, seed=step)], step, noise=torch.Generator().manual_seed(0))
+    for name, p in g.params.items():
+        gs, ds = g.optimizer.state[p], d.optimizer.state[d.params[name]]
+        proj = g.method.projectors.get(name)
         if proj is None:
             torch.testing.assert_close(gs["exp_avg"], ds["exp_avg"], rtol=1e-5, atol=1e-9)
             torch.testing.assert_close(gs["exp_avg_sq"], ds["exp_avg_sq"], rtol=1e-5, atol=1e-12)
         else:
             assert gs["exp_avg"].shape == gs["exp_avg_sq"].shape == proj.projected_shape
             torch.testing.assert_close(gs["exp_avg"], proj.project(ds["exp_avg"]), rtol=1e-4, atol=1e-8)
-    g_hooks.cleanup()
-    d_hooks.cleanup()
 
 
-def test_update_direction_in_expectation_is_dp_adams():
+def test_update_direction_in_expectation_is_dp_adams(grape_dp, dpadam_dp, tiny_batch):
     """Over the projection's randomness, the back-projected gradient GRAPE's Adam receives is
     unbiased for DP-Adam's (proj_std 1/sqrt_r: E[PᵀP] = I), and its first Adam step (a sign-like
     map of the projected gradient) points, in expectation, along DP-Adam's first step."""
-    d_model, d_params, dpadam, d_hooks, d_opt = _dpadam(0.0, 1e6, 4.0, 1e-30)
+    d = dpadam_dp(0.0, 1e6, 4.0, 1e-30)
     ref = {}
     torch.manual_seed(0)  # the same dropout mask for every pass below
-    orig = dpadam.apply_update
-    dpadam.apply_update = lambda p, g, o, s: (ref.update({k: v.clone() for k, v in g.items()}), orig(p, g, o, s))
-    dp_step(model=d_model, chunks=[_batch(4, seed=1)], method=dpadam, params=d_params, optimizer=d_opt,
-            noise_generator=torch.Generator().manual_seed(0), mode="hooks", hooks=d_hooks, step=1, alignment=False)
-    d_hooks.cleanup()
+    orig = d.method.apply_update
+    d.method.apply_update = lambda p, g, o, s: (ref.update({k: v.clone() for k, v in g.items()}), orig(p, g, o, s))
+    d.step([tiny_batch(4, seed=1)], 1, noise=torch.Generator().manual_seed(0))
+    d.close()
 
-    model, params, method, hooks, opt = _setup("optim.lr=1e-30", "method.refresh=1", "method.proj_std=1/sqrt_r",
-                                               sigma=0.0, clip=1e6, batch=4.0)
+    dp = grape_dp("optim.lr=1e-30", "method.refresh=1", "method.proj_std=1/sqrt_r",
+                  sigma=0.0, clip=1e6, batch=4.0)
+    method = dp.method
     names = list(method.projectors)
     sums, adam_sums, errs = {n: 0.0 for n in names}, {n: 0.0 for n in names}, {}
     for k in range(1, 65):  # refresh=1: a fresh P every step; lr≈0 keeps the weights fixed
         projs = {n: Projector(**vars(method.projectors[n])) for n in names}
         torch.manual_seed(0)
-        seen = _step(model, params, method, hooks, opt, [_batch(4, seed=1)], "hooks", step=k)
+        seen = update_received(dp, [tiny_batch(4, seed=1)], step=k)
         for n in names:
             sums[n] = sums[n] + seen["_back"][n]
             g = seen[n]
@@ -283,7 +272,6 @@ def test_update_direction_in_expectation_is_dp_adams():
         if k in (8, 64):
             errs[k] = math.sqrt(sum(float((sums[n] / k - ref[n]).pow(2).sum()) for n in names)
                                 / sum(float(ref[n].pow(2).sum()) for n in names))
-    hooks.cleanup()
     assert errs[64] < 0.5 * errs[8]  # Monte-Carlo error shrinks ~ 1/√K: the mean converges to DP-Adam's
     assert errs[64] < 0.35
     flat = lambda d: torch.cat([d[n].flatten() for n in names])  # noqa: E731
@@ -292,7 +280,7 @@ def test_update_direction_in_expectation_is_dp_adams():
     assert cos > 0.5, cos
 
 
-def test_proj_std_sqrt_r_is_not_the_same_method_with_another_lr():
+def test_proj_std_sqrt_r_is_not_the_same_method_with_another_lr(grape_dp, tiny_batch):
     """The sweep once called proj_std=1/sqrt_r "exactly the code's method with lr·√r". With clipping
     active the flat clip sees projected and unprojected gradients together and the noise σC is the
     same for both, so scaling P by a = √r multiplies the projected layers' share of the clipped
@@ -302,11 +290,11 @@ def test_proj_std_sqrt_r_is_not_the_same_method_with_another_lr():
     r = 8
     share = {}
     for std in ("1/r", "1/sqrt_r"):
-        model, params, method, hooks, opt = _setup(f"method.rank={r}", f"method.proj_std={std}", "method.refresh=1000",
-                                                   sigma=0.0, clip=1e-4, batch=6.0)
+        dp = grape_dp(f"method.rank={r}", f"method.proj_std={std}", "method.refresh=1000",
+                      sigma=0.0, clip=1e-4, batch=6.0)
+        params, method = dp.params, dp.method
         torch.manual_seed(0)
-        seen = _step(model, params, method, hooks, opt, [_batch(6, seed=1)], "hooks")
-        hooks.cleanup()
+        seen = update_received(dp, [tiny_batch(6, seed=1)])
         proj = sum(float(seen[n].pow(2).sum()) for n in method.projectors)
         rest = sum(float(seen[n].pow(2).sum()) for n in params if n not in method.projectors)
         share[std] = proj / rest
@@ -329,7 +317,7 @@ def test_proj_std_sqrt_r_is_not_the_same_method_with_another_lr():
     ("method.reset_moments=maybe", "method.reset_moments must be true or false"),
     ("optim=sgd", "needs optim=adamw"),
 ])
-def test_bad_config_is_one_line_error(dpft, override, expected):
+def test_bad_config_is_one_line_error(run_dirs, dpft, override, expected):
     r = dpft("train", "debug=tiny", "method=grape", override)
     assert r.exit_code == 2, (r.stdout, r.stderr)
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
@@ -337,9 +325,9 @@ def test_bad_config_is_one_line_error(dpft, override, expected):
     assert run_dirs(dpft.output_dir) == []
 
 
-def test_rank_that_projects_nothing_is_rejected():
+def test_rank_that_projects_nothing_is_rejected(grape_dp):
     with pytest.raises(DpftError, match="projects no layer"):
-        _setup("method.rank=64")  # tiny BERT's largest projected dimension is 32
+        grape_dp("method.rank=64")  # tiny BERT's largest projected dimension is 32
 
 
 def test_bench_measures_grape_side_by_side(dpft):

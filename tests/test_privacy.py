@@ -8,29 +8,21 @@ import math
 import pytest
 import torch
 
-from conftest import sgd_update, tiny_batch, tiny_dp
 from dpft.config import compose_run
 from dpft.engine import accountant as acct
 from dpft.engine.step import Batch
-from dpft.engine.train import attach_hooks
+from dpft.engine.stepper import Stepper
 from dpft.errors import DpftError
 from dpft.methods import PrivacyParams, build_method
 from dpft.methods.base import clip_flat
 
 
-def _setup(mode="hooks", sigma=1.0, clip=1.0, batch=8.0, lr=1.0, scale_head=None):
-    return tiny_dp(mode=mode, sigma=sigma, clip=clip, batch=batch, lr=lr, scale_head=scale_head)
-
-
-_batch, _step = tiny_batch, sgd_update
-
-
 @pytest.mark.parametrize("mode", ["hooks", "ghost", "bk"])
-def test_noise_added_has_std_sigma_C(mode):
+def test_noise_added_has_std_sigma_C(sgd_update, tiny_dp, mode):
     sigma, clip, b = 1.7, 0.5, 8.0
-    model, params, method, hooks, opt = _setup(mode, sigma=sigma, clip=clip, batch=b)
+    dp = tiny_dp(mode=mode, sigma=sigma, clip=clip, batch=b)
     # an empty Poisson draw: the step still adds the full noise (and is accounted)
-    update = _step(model, params, method, hooks, opt, [], mode)
+    update = sgd_update(dp, [])
     z = torch.cat([u.flatten() for u in update.values()]) * b  # noise on the sum
     n = z.numel()
     assert n > 500_000
@@ -41,18 +33,18 @@ def test_noise_added_has_std_sigma_C(mode):
 
 @pytest.mark.parametrize("mode", ["hooks", "ghost", "bk"])
 @pytest.mark.parametrize("scale", [1.0, 1e4])
-def test_each_example_contributes_at_most_C(mode, scale):
+def test_each_example_contributes_at_most_C(sgd_update, tiny_batch, tiny_dp, mode, scale):
     clip = 0.3
-    model, params, method, hooks, opt = _setup(mode, sigma=0.0, clip=clip, batch=1.0, scale_head=scale)
+    dp = tiny_dp(mode=mode, sigma=0.0, clip=clip, batch=1.0, scale_head=scale)
     for i in range(4):
-        batch = _batch(1, seed=i)
+        batch = tiny_batch(1, seed=i)
         if scale > 1:  # label the losing class so the saturated softmax still has a huge gradient
             with torch.no_grad():
                 from dpft.models import model_inputs
 
-                logits = model(**model_inputs(model, batch.input_ids, batch.attention_mask)).logits
+                logits = dp.model(**model_inputs(dp.model, batch.input_ids, batch.attention_mask)).logits
             batch.labels = logits.argmin(-1)
-        update = _step(model, params, method, hooks, opt, [batch], mode)
+        update = sgd_update(dp, [batch])
         norm = math.sqrt(sum(float(u.double().pow(2).sum()) for u in update.values()))
         assert norm <= clip * (1 + 1e-4), norm
         if scale > 1:  # a huge gradient is clipped to exactly C
@@ -60,15 +52,15 @@ def test_each_example_contributes_at_most_C(mode, scale):
 
 
 @pytest.mark.parametrize("clip", [0.05, 1e6])  # most examples clipped / none clipped
-def test_hooks_ghost_and_bookkeeping_give_the_same_clipped_sum(clip):
+def test_hooks_ghost_and_bookkeeping_give_the_same_clipped_sum(sgd_update, tiny_batch, tiny_dp, clip):
     updates = {}
     for mode in ("hooks", "ghost", "bk"):
-        model, params, method, hooks, opt = _setup(mode, sigma=0.0, clip=clip, batch=6.0)
+        dp = tiny_dp(mode=mode, sigma=0.0, clip=clip, batch=6.0)
         # two micro-batches, one with padding: book-keeping must reset between them and skip pads
-        b2 = _batch(4, seed=5)
+        b2 = tiny_batch(4, seed=5)
         b2.attention_mask[:, 9:] = 0
         b2.input_ids[:, 9:] = 0
-        updates[mode] = _step(model, params, method, hooks, opt, [_batch(6, seed=3), b2], mode)
+        updates[mode] = sgd_update(dp, [tiny_batch(6, seed=3), b2])
     assert set(updates["bk"]) == set(updates["hooks"])
     for name in updates["hooks"]:
         assert updates["hooks"][name].abs().sum() > 0, name  # every parameter got a gradient
@@ -93,18 +85,16 @@ def test_non_finite_gradients_are_rejected(bad):
 # bounds drift apart by a few percent (both remain valid upper bounds)
 @pytest.mark.parametrize("sigma,q,steps", [(0.8, 0.01, 1000), (1.1, 0.05, 300), (0.6, 0.02, 200), (2.0, 0.001, 10_000)])
 def test_rdp_accountant_matches_dp_accounting(sigma, q, steps):
-    a = acct.make_accountant("rdp")
-    a.history = [(sigma, q, steps)]
-    ours = acct.epsilon_of(a, 1e-5)
+    a = acct.Accountant("rdp", history=[(sigma, q, steps)])
+    ours = a.epsilon(1e-5)
     theirs = acct.independent_epsilon([(sigma, q, steps)], 1e-5, "rdp")
     assert ours == pytest.approx(theirs, rel=0.01)
 
 
 @pytest.mark.parametrize("sigma,q,steps", [(0.8, 0.01, 1000), (1.1, 0.05, 300), (0.6, 0.02, 200)])
 def test_prv_accountant_matches_dp_accounting_pld(sigma, q, steps):
-    a = acct.make_accountant("prv")
-    a.history = [(sigma, q, steps)]
-    ours = acct.epsilon_of(a, 1e-5)
+    a = acct.Accountant("prv", history=[(sigma, q, steps)])
+    ours = a.epsilon(1e-5)
     theirs = acct.independent_epsilon([(sigma, q, steps)], 1e-5, "prv")
     assert ours == pytest.approx(theirs, rel=0.02)
     # PLD/PRV are tight; RDP is an upper bound on the same mechanism
@@ -116,9 +106,8 @@ def test_prv_accountant_matches_dp_accounting_pld(sigma, q, steps):
 def test_calibration_hits_target_from_below(accountant, eps):
     q, steps, delta = 0.02, 200, 1e-5
     sigma = acct.calibrate_sigma(eps, delta, q, steps, accountant)
-    a = acct.make_accountant(accountant)
-    a.history = [(sigma, q, steps)]
-    spent = acct.epsilon_of(a, delta)
+    a = acct.Accountant(accountant, history=[(sigma, q, steps)])
+    spent = a.epsilon(delta)
     assert 0.95 * eps <= spent <= eps
 
 
@@ -128,33 +117,33 @@ def _bf16(batch):
 
 
 @pytest.mark.parametrize("mode", ["hooks", "bk"])
-def test_bf16_autocast_keeps_the_per_sample_bound_exact(mode):
+def test_bf16_autocast_keeps_the_per_sample_bound_exact(sgd_update, tiny_batch, tiny_dp, mode):
     """Under bf16 autocast the norms and the summed gradients are the same stored numbers, so a
     huge gradient is still clipped to at most C (to fp32 rounding, not bf16's 0.4 %)."""
     clip = 0.3
-    model, params, method, hooks, opt = _setup(mode, sigma=0.0, clip=clip, batch=1.0, scale_head=1e4)
+    dp = tiny_dp(mode=mode, sigma=0.0, clip=clip, batch=1.0, scale_head=1e4)
     for i in range(3):
-        batch = _bf16(_batch(1, seed=i))
+        batch = _bf16(tiny_batch(1, seed=i))
         with torch.no_grad():
             from dpft.models import model_inputs
 
-            batch.labels = model(**model_inputs(model, batch.input_ids, batch.attention_mask)).logits.argmin(-1)
-        update = _step(model, params, method, hooks, opt, [batch], mode)
+            batch.labels = dp.model(**model_inputs(dp.model, batch.input_ids, batch.attention_mask)).logits.argmin(-1)
+        update = sgd_update(dp, [batch])
         norm = math.sqrt(sum(float(u.double().pow(2).sum()) for u in update.values()))
         assert norm <= clip * (1 + 1e-5), norm
         assert norm == pytest.approx(clip, rel=1e-3)
 
 
 @pytest.mark.parametrize("mode", ["hooks", "bk"])
-def test_bf16_autocast_clipped_sum_is_close_to_fp32(mode):
+def test_bf16_autocast_clipped_sum_is_close_to_fp32(sgd_update, tiny_batch, tiny_dp, mode):
     """Accuracy check of the option: the bf16 step's clipped sum stays within a few percent of fp32's."""
     updates = {}
     for precision in ("fp32", "bf16"):
-        model, params, method, hooks, opt = _setup(mode, sigma=0.0, clip=0.05, batch=6.0)
-        batch = _batch(6, seed=3)
+        dp = tiny_dp(mode=mode, sigma=0.0, clip=0.05, batch=6.0)
+        batch = tiny_batch(6, seed=3)
         if precision == "bf16":
             _bf16(batch)
-        updates[precision] = torch.cat([u.flatten() for u in _step(model, params, method, hooks, opt, [batch], mode).values()])
+        updates[precision] = torch.cat([u.flatten() for u in sgd_update(dp, [batch]).values()])
     a, b = updates["fp32"], updates["bf16"]
     assert not torch.equal(a, b)  # autocast really ran the forward in bf16
     assert float((a - b).norm() / a.norm()) < 0.05
@@ -168,9 +157,7 @@ def test_bf16_autocast_with_ghost_clipping_is_refused(dpft):
     assert r.exit_code == 2 and "engine.autocast must be null or bf16" in r.stderr
 
 
-def test_bf16_autocast_end_to_end_tracks_fp32(dpft):
-    from conftest import read_run, run_dirs
-
+def test_bf16_autocast_end_to_end_tracks_fp32(read_run, run_dirs, dpft):
     losses = {}
     for precision in ("null", "bf16"):
         out = dpft.output_dir / precision
@@ -214,32 +201,29 @@ class _CancellingTokens(torch.nn.Module):
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("mode", ["hooks", "ghost", "bk"])
-def test_ghost_norm_cancellation_cannot_unclip_an_example(mode, threads):
+def test_ghost_norm_cancellation_cannot_unclip_an_example(sgd_update, mode, threads):
     """The true per-sample norm here is ≈ 27 C; fp32 ghost norms computed it as 0 (factor 1), so
     the example entered the sum unclipped at 27× the sensitivity; with exact norms the fp32
     contraction still released 1.18 C (bk) / 1.98 C (ghost). The released clipped sum itself (σ = 0,
     B = 1: what `postprocess` receives) is read, not a parameter difference, and the bound is exact
     (dpft/engine/bookkeeping.py), so it holds with no tolerance for any BLAS and thread count."""
     clip = 1.0
-    model = _CancellingTokens().train()
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     spec = compose_run(["debug=tiny", f"engine.grad_sample_mode={mode}"])
-    method = build_method(spec.cfg)
-    method.setup(model, params, PrivacyParams(sigma=0.0, clip_norm=clip, sample_rate=0.1, expected_batch_size=1.0,
-                                              steps=1, delta=1e-5))
+    dp = Stepper(_CancellingTokens(), build_method(spec.cfg), spec.cfg, steps=1,
+                 privacy=PrivacyParams(sigma=0.0, clip_norm=clip, sample_rate=0.1, expected_batch_size=1.0,
+                                       steps=1, delta=1e-5))
     released = []
-    post = method.postprocess
-    method.postprocess = lambda g, std, step: released.append({n: t.clone() for n, t in g.items()}) or post(g, std, step)
-    hooks = attach_hooks(model, mode, clip)
-    opt = torch.optim.SGD(list(params.values()), lr=1.0)
+    post = dp.method.postprocess
+    dp.method.postprocess = lambda g, std, step: released.append({n: t.clone() for n, t in g.items()}) or post(g, std, step)
+    dp.attach()
     batch = Batch(torch.tensor([[3, 3]]), torch.ones(1, 2, dtype=torch.long), torch.tensor([1]))
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        _step(model, params, method, hooks, opt, [batch], mode)
+        sgd_update(dp, [batch])
     finally:
         torch.set_num_threads(before)
-        hooks.cleanup()
+        dp.close()
     norm = math.sqrt(sum(float(u.double().pow(2).sum()) for u in released[0].values()))
     assert norm <= clip * (1 + 1e-12), norm  # fp64 read-out of fp32 values: exact to ~1e-16
     # clipped, not zeroed: ghost/bk shrink it by their rounding bound γ·S/n (S/n ≈ 2e4 here: ≤ 1 %)

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import read_run, run_dirs, tiny_dp
 
 TINY = ["debug=tiny", "train.steps=4", "train.eval_every=2", "runtime.progress=none", "runtime.checkpoint_every=null"]
 
@@ -23,10 +22,11 @@ def _train_in_process(tmp_path: Path, *overrides: str):
     """Train through the engine's own entry points; returns (metrics, summary, final weights)."""
     from dpft.config import compose_run
     from dpft.engine import train as engine
+    from dpft.engine.prepare import prepare
     from dpft.store import RunDir
 
     spec = compose_run([*TINY, f"paths.output_dir={tmp_path}", *overrides])
-    prep = engine.prepare(spec)
+    prep = prepare(spec)
     run = RunDir(tmp_path / spec.run_id)
     run.path.mkdir(parents=True, exist_ok=True)
     sink = run.metrics_sink()
@@ -106,10 +106,11 @@ def test_the_noise_key_is_never_written(tmp_path, monkeypatch):
     from dpft.config import compose_run
     from dpft.engine import checkpoint as ckpt
     from dpft.engine import train as engine
+    from dpft.engine.prepare import prepare
     from dpft.store import RunDir
 
     spec = compose_run([*TINY[:-1], "runtime.checkpoint_every=1", f"paths.output_dir={tmp_path}"])
-    prep = engine.prepare(spec)
+    prep = prepare(spec)
     path = tmp_path / "run"
     path.mkdir()
     run = RunDir(path)
@@ -152,25 +153,22 @@ def test_secure_noise_has_std_sigma_C_and_is_guarded():
     assert torch.equal(z, again)  # a function of (key, step) only
 
 
-def test_dp_step_adds_the_secure_noise_with_std_sigma_C_over_B():
+def test_dp_step_adds_the_secure_noise_with_std_sigma_C_over_B(tiny_dp):
     """End to end through dp_step: with all examples' gradients zeroed out (lr-1 SGD, empty batch)
     the update is exactly minus the noise / B."""
     from dpft.engine.noise import NoiseSource
-    from dpft.engine.step import dp_step
 
-    model, params, method, hooks, opt = tiny_dp(sigma=2.0, clip=0.5, batch=4.0)
-    before = {n: p.detach().clone() for n, p in params.items()}
-    dp_step(model=model, chunks=[], method=method, params=params, optimizer=opt,
-            noise_generator=NoiseSource.create("secure", 0, "x").for_step(1), mode="hooks", hooks=hooks,
-            step=1, alignment=False)
-    z = torch.cat([(before[n] - p.detach()).flatten() for n, p in params.items()])
+    dp = tiny_dp(sigma=2.0, clip=0.5, batch=4.0)
+    before = {n: p.detach().clone() for n, p in dp.params.items()}
+    dp.step([], 1, noise=NoiseSource.create("secure", 0, "x").for_step(1))
+    z = torch.cat([(before[n] - p.detach()).flatten() for n, p in dp.params.items()])
     assert z.numel() > 100_000
     assert float(z.std()) == pytest.approx(2.0 * 0.5 / 4.0, rel=0.02)
-    hooks.cleanup()
 
 
 def test_poisson_masks_have_rate_q_and_depend_on_the_key():
-    from dpft.engine.noise import NoiseSource, PoissonBatches
+    from dpft.engine.batches import PoissonBatches
+    from dpft.engine.noise import NoiseSource
 
     n, q = 20_000, 0.05
     src = NoiseSource.create("secure", 0, "x")
@@ -223,7 +221,7 @@ ARGS = ["debug=tiny", "task=sst2", "train.steps=8", "train.batch_size=24", "trai
         "runtime.checkpoint_every=2", "runtime.progress=plain"]
 
 
-def test_resume_on_changed_training_data_is_refused(tmp_path, dpft, monkeypatch):
+def test_resume_on_changed_training_data_is_refused(run_dirs, tmp_path, dpft, monkeypatch):
     data = tmp_path / "data"
     _write_sst2(data)
     args = [*ARGS, f"task.data_dir={data}"]
@@ -243,7 +241,7 @@ def test_resume_on_changed_training_data_is_refused(tmp_path, dpft, monkeypatch)
 
 
 @pytest.mark.parametrize("mode", ["secure", "seeded"])
-def test_resume_charges_released_steps_in_secure_mode(tmp_path, dpft, monkeypatch, mode):
+def test_resume_charges_released_steps_in_secure_mode(read_run, run_dirs, tmp_path, dpft, monkeypatch, mode):
     data = tmp_path / "data"
     _write_sst2(data)
     args = [*ARGS, f"task.data_dir={data}", f"privacy.noise={mode}"]
@@ -306,9 +304,8 @@ def test_epsilon_spent_is_logged_from_step_one_and_matches_the_accountant(tmp_pa
     assert len(eps) == 4 and all(a < b for a, b in zip(eps, eps[1:]))
     sigma, q = s["privacy"]["sigma"], s["privacy"]["sample_rate"]
     for t, e in enumerate(eps, 1):
-        ref = acct.make_accountant("rdp")
-        ref.history = [(sigma, q, t)]
-        assert e == pytest.approx(acct.epsilon_of(ref, s["privacy"]["delta"]), rel=1e-12)
+        ref = acct.Accountant("rdp", history=[(sigma, q, t)])
+        assert e == pytest.approx(ref.epsilon(s["privacy"]["delta"]), rel=1e-12)
 
 
 @pytest.mark.parametrize("extra,ok", [
@@ -316,7 +313,7 @@ def test_epsilon_spent_is_logged_from_step_one_and_matches_the_accountant(tmp_pa
     (["privacy.delta=0.01"], False),                           # N = 400: 1/N = 0.0025
     (["privacy.delta=0.01", "privacy.unsafe_delta=true"], True),
 ])
-def test_delta_at_least_one_over_n_is_refused_unless_forced(dpft, extra, ok):
+def test_delta_at_least_one_over_n_is_refused_unless_forced(run_dirs, dpft, extra, ok):
     r = dpft("train", "debug=tiny", "train.steps=1", "train.eval_every=null", "runtime.progress=none", *extra)
     if ok:
         assert r.exit_code == 0, r.stderr
@@ -326,7 +323,7 @@ def test_delta_at_least_one_over_n_is_refused_unless_forced(dpft, extra, ok):
     assert not run_dirs(dpft.output_dir)  # nothing written
 
 
-def test_unknown_noise_mode_is_one_line(dpft):
+def test_unknown_noise_mode_is_one_line(run_dirs, dpft):
     r = dpft("train", "debug=tiny", "privacy.noise=urandom")
     assert r.exit_code != 0 and "privacy.noise" in (r.stderr + r.stdout)
     assert not run_dirs(dpft.output_dir)

@@ -9,12 +9,11 @@ import math
 import pytest
 import torch
 
-from conftest import read_run, run_dirs
 from omegaconf import OmegaConf
 
 from dpft.config import compose_run
 from dpft.engine.step import Batch, dp_step, per_sample_loss
-from dpft.engine.train import attach_hooks
+from dpft.engine.hooks import attach_hooks
 from dpft.errors import DpftError
 from dpft.methods import PrivacyParams, build_method
 from dpft.methods.psasc import PSAC, PSASC, psasc_weights
@@ -364,19 +363,24 @@ def test_noise_std_measured_through_dp_step_is_sigma_C_over_s(tiny):
 
 # -- through the CLI: the accountant sees exactly DP-SGD's (σ, q, steps) -----------------------------
 
-def _summary(dpft, *args):
-    r = dpft("train", *TINY, "train.steps=4", "train.eval_every=2", "runtime.progress=none",
-             "runtime.num_threads=1", *args)
-    assert r.exit_code == 0, r.stderr
-    runs = run_dirs(dpft.output_dir)
-    newest = max(runs, key=lambda p: (p / "summary.json").stat().st_mtime)
-    return read_run(newest)
+@pytest.fixture
+def trained(dpft, run_dirs, read_run):
+    """trained(*overrides) -> (metrics, summary, meta) of a 4-step tiny run through the CLI."""
+    def train(*args):
+        r = dpft("train", *TINY, "train.steps=4", "train.eval_every=2", "runtime.progress=none",
+                 "runtime.num_threads=1", *args)
+        assert r.exit_code == 0, r.stderr
+        runs = run_dirs(dpft.output_dir)
+        newest = max(runs, key=lambda p: (p / "summary.json").stat().st_mtime)
+        return read_run(newest)
+
+    return train
 
 
-def test_cli_epsilon_sigma_sensitivity_match_dpsgd(dpft):
+def test_cli_epsilon_sigma_sensitivity_match_dpsgd(trained):
     fixed = ["privacy.noise_multiplier=0.9", "privacy.clip_norm=0.5"]
-    _, base, _ = _summary(dpft, "method=dpsgd", *fixed)
-    metrics, ps, _ = _summary(dpft, "method=psasc", "method.s=0.25", "method.momentum.warmup=2", *fixed,
+    _, base, _ = trained("method=dpsgd", *fixed)
+    metrics, ps, _ = trained("method=psasc", "method.s=0.25", "method.momentum.warmup=2", *fixed,
                               "engine.grad_sample_mode=hooks")
     a, b = base["privacy"], ps["privacy"]
     assert ps["method"] == "psasc"
@@ -391,9 +395,9 @@ def test_cli_epsilon_sigma_sensitivity_match_dpsgd(dpft):
     assert [m["train/improvement"] == 0.0 for m in metrics] == [True, True, False, False]
 
 
-def test_cli_psac_ghost_calibrates_the_same_sigma(dpft):
-    _, base, _ = _summary(dpft, "method=dpsgd")
-    metrics, ps, _ = _summary(dpft, "method=psac")  # ghost: the default
+def test_cli_psac_ghost_calibrates_the_same_sigma(trained):
+    _, base, _ = trained("method=dpsgd")
+    metrics, ps, _ = trained("method=psac")  # ghost: the default
     a, b = base["privacy"], ps["privacy"]
     assert ps["method"] == "psac" and b["sigma"] == a["sigma"] and b["history"] == a["history"]
     assert b["epsilon"] == pytest.approx(a["epsilon"], rel=1e-12) and b["epsilon"] <= b["epsilon_target"]
@@ -401,7 +405,7 @@ def test_cli_psac_ghost_calibrates_the_same_sigma(dpft):
     assert all(m["train/improvement"] == 0.0 for m in metrics)  # no momentum
 
 
-def test_cli_bad_knob_is_one_line_exit_2(dpft):
+def test_cli_bad_knob_is_one_line_exit_2(run_dirs, dpft):
     r = dpft("train", *TINY, "method=psasc", "method.s=0")
     assert r.exit_code == 2
     assert "method.s must be > 0" in r.stderr and "Traceback" not in r.stderr

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import read_run, run_dirs
 
 # seeded: a resumed run is compared bit for bit with an uninterrupted one (the default secure mode
 # draws fresh noise after a resume; tests/test_privacy_noise.py)
@@ -35,7 +34,7 @@ def _last_step(run: Path) -> int:
 
 
 @pytest.mark.parametrize("flag", ["--resume", None], ids=["explicit", "plain-rerun"])
-def test_sigkill_then_resume_matches_uninterrupted(tmp_path, dpft, flag):
+def test_sigkill_then_resume_matches_uninterrupted(read_run, run_dirs, tmp_path, dpft, flag):
     """`--resume`, and since resuming is the default, the plain command run again (issue 22: it
     used to archive the checkpoint and restart at step 1 without a word)."""
     env = {**os.environ, "WANDB_MODE": "disabled"}
@@ -72,7 +71,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, dpft, flag):
     assert not (run / "checkpoint.pt").exists()
 
 
-def test_sigterm_checkpoints_at_step_boundary_and_resumes(tmp_path, dpft):
+def test_sigterm_checkpoints_at_step_boundary_and_resumes(read_run, run_dirs, tmp_path, dpft):
     env = {**os.environ, "WANDB_MODE": "disabled"}
     out = tmp_path / "term"
     args = [*(a for a in ARGS if not a.startswith("runtime.checkpoint_every=")), "runtime.checkpoint_every=null"]
@@ -98,7 +97,7 @@ def test_sigterm_checkpoints_at_step_boundary_and_resumes(tmp_path, dpft):
 
 
 @pytest.mark.parametrize("damage", ["corrupt", "foreign"])
-def test_bad_checkpoint_is_refused_whole(tmp_path, dpft, damage):
+def test_bad_checkpoint_is_refused_whole(run_dirs, tmp_path, dpft, damage):
     import torch
 
     out = tmp_path / "o"

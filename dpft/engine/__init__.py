@@ -1,1 +1,1 @@
-"""The shared training engine: one `train(spec)` path for every method."""
+"""The shared training engine: `prepare.prepare(spec)` builds a run, `train.run(prep, ...)` trains it."""

@@ -14,10 +14,31 @@ import math
 from dpft.errors import DpftError
 
 
-def make_accountant(name: str):
-    from opacus.accountants import PRVAccountant, RDPAccountant
+class Accountant:
+    """The run's ledger: the composition [(σ, q, steps), ...] of its Poisson-subsampled Gaussian
+    steps (Opacus' history format) and the ε it spends. It owns that history: `step` is the only
+    way to add to it, and a resumed run rebuilds it from the checkpoint's copy (`history=`)."""
 
-    return {"rdp": RDPAccountant, "prv": PRVAccountant}[name]()
+    def __init__(self, name: str, history=()):
+        from opacus.accountants import PRVAccountant, RDPAccountant
+
+        self.name = name
+        self._opacus = {"rdp": RDPAccountant, "prv": PRVAccountant}[name]()
+        self._opacus.history = [(float(s), float(q), int(t)) for s, q, t in history]
+
+    @property
+    def history(self) -> list[tuple[float, float, int]]:
+        return list(self._opacus.history)
+
+    def step(self, sigma: float, q: float, steps: int = 1) -> None:
+        """Charge `steps` more steps of one Poisson-subsampled Gaussian mechanism (σ, q)."""
+        for _ in range(int(steps)):
+            self._opacus.step(noise_multiplier=sigma, sample_rate=q)
+
+    def epsilon(self, delta: float) -> float:
+        if not self._opacus.history:
+            return 0.0
+        return float(self._opacus.get_epsilon(delta=delta))
 
 
 def default_delta(n: int) -> float:
@@ -37,12 +58,6 @@ def calibrate_sigma(epsilon: float, delta: float, sample_rate: float, steps: int
     except ValueError as e:
         raise DpftError(f"cannot calibrate σ for ε={epsilon}, δ={delta}, q={sample_rate:.4g}, "
                         f"steps={steps}: {e}") from None
-
-
-def epsilon_of(accountant, delta: float) -> float:
-    if len(accountant.history) == 0:
-        return 0.0
-    return float(accountant.get_epsilon(delta=delta))
 
 
 def independent_epsilon(history, delta: float, accountant: str) -> float:
@@ -87,9 +102,7 @@ class EpsilonMeter:
         if self.accountant != "rdp":
             if not exact:
                 return None
-            acc = make_accountant(self.accountant)
-            acc.history = history
-            return epsilon_of(acc, self.delta)
+            return Accountant(self.accountant, history).epsilon(self.delta)
         from opacus.accountants import RDPAccountant
         from opacus.accountants.analysis import rdp as privacy_analysis
 

@@ -68,26 +68,3 @@ def check_data(state: dict, fingerprint: str, path: Path) -> None:
     if state.get("data_fingerprint") != fingerprint:
         raise DpftError(f"checkpoint {path} was trained on other training data (fingerprint mismatch); "
                         "resuming would re-release steps on changed data. Re-run with --restart to start over")
-
-
-class ShuffleBatches:
-    """Fixed-size shuffled batches for the non-private baseline, with a resumable position."""
-
-    def __init__(self, n: int, bs: int, seed: int):
-        self.n, self.bs = n, bs
-        self.gen = torch.Generator().manual_seed(seed)
-        self.perm, self.pos = torch.randperm(n, generator=self.gen), 0
-
-    def __next__(self) -> list[int]:
-        if self.pos + self.bs > self.n:
-            self.perm, self.pos = torch.randperm(self.n, generator=self.gen), 0
-        out = self.perm[self.pos:self.pos + self.bs].tolist()
-        self.pos += self.bs
-        return out
-
-    def state_dict(self) -> dict:
-        return {"gen": self.gen.get_state(), "perm": self.perm, "pos": self.pos}
-
-    def load_state_dict(self, s: dict) -> None:
-        self.gen.set_state(s["gen"])
-        self.perm, self.pos = s["perm"], int(s["pos"])

@@ -60,7 +60,7 @@ def encode_pairs(codec: PromptCodec, pairs, max_length: int, loss_reduction: str
     """Right-padded ids with labels = ids on target tokens (incl. EOS) and -100 elsewhere. A
     sequence longer than ``max_length`` loses the end of its target (then it has no EOS); a prompt
     that alone fills ``max_length`` keeps its first ``max_length - 1`` tokens and one target token."""
-    from dpft.engine.train import Encoded
+    from dpft.engine.batches import Encoded
 
     if loss_reduction not in ("mean", "sum"):
         raise DpftError(f"task.loss_reduction must be mean or sum, got {loss_reduction!r}")

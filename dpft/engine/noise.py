@@ -1,4 +1,5 @@
-"""The mechanism's randomness: the Gaussian noise and the Poisson batches (`privacy.noise`).
+"""The mechanism's randomness: the Gaussian noise and the Poisson masks (`privacy.noise`; the
+sampler that draws the masks is `dpft.engine.batches.PoissonBatches`).
 
 Threat model: the adversary reads everything a run publishes (config.yaml, meta.json,
 metrics.jsonl, summary.json, W&B, the run name) and the released model; it does not read the
@@ -128,33 +129,3 @@ class StepNoise:
         for _ in range(3):
             z.add_(torch.normal(0.0, std, size=tuple(shape), generator=gen, device=device))
         return z.div_(2.0)
-
-
-class PoissonBatches:
-    """Poisson sampling: at step t every example joins independently with probability q (the
-    sampling the accountants assume). The mask of step t comes from the noise source's sampler
-    stream for t, as Opacus' UniformWithReplacementSampler draws it (``rand(N) < q``)."""
-
-    def __init__(self, n: int, q: float, source: NoiseSource, start: int = 1):
-        self.n, self.q, self.source = n, float(q), source
-        self.step = start - 1
-
-    def __next__(self) -> list[int]:
-        self.step += 1
-        gen = self.source.generator("poisson", self.step)
-        mask = torch.rand(self.n, generator=gen) < self.q
-        return mask.nonzero(as_tuple=False).reshape(-1).tolist()
-
-
-def fingerprint(*tensors) -> str:
-    """SHA-256 of the encoded training set (shapes, dtypes and bytes; `None` entries skipped).
-    Stored only in the checkpoint (private): a resume on other data is refused."""
-    h = hashlib.sha256()
-    for t in tensors:
-        if t is None:
-            h.update(b"none")
-            continue
-        t = t.detach().cpu().contiguous()
-        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()

@@ -78,7 +78,7 @@ class Method:
         return model
 
     def build_optimizer(self, params: dict[str, nn.Parameter], optim_cfg) -> torch.optim.Optimizer:
-        from dpft.engine.optim import build_optimizer
+        from dpft.optim import build_optimizer
 
         return build_optimizer(list(params.values()), optim_cfg)
 
