@@ -48,11 +48,6 @@ from dpft.errors import DpftError
 
 log = logging.getLogger("dpft")
 
-# Test-only: "noise-off" (noise std 0, still accounted as σ). Never set outside tests; an audit run
-# with it set is marked UNSAFE in audit.json and in the table.
-UNSAFE_BREAK: str | None = None
-BREAKS = ("noise-off",)
-
 # Guess counts (k+, k−) as fractions of m: in-only and symmetric in/out guesses. Fixed before
 # seeing any score, and Bonferroni-corrected, so picking the best of them keeps the confidence.
 GUESS_FRACTIONS = (0.05, 0.1, 0.25, 0.5)
@@ -262,12 +257,261 @@ def score_canaries(kind: str, theta0, model, tokenizer, canaries: Canaries, max_
     return np.asarray(out, dtype=np.float64)
 
 
-def _break_mechanism(method, how: str) -> None:
-    """UNSAFE, test-only (see UNSAFE_BREAK): make the method release more than it accounts for."""
-    if how == "noise-off":
-        method.noise_std = lambda: {name: 0.0 for name in method.params}
-    else:
-        raise ValueError(f"unknown mechanism break {how!r}; one of {BREAKS}")
+# --------------------------------------------------------------------------- gradient canaries
+
+CANARY_KINDS = ("input", "gradient")
+GRADIENT_SCORES = ("iterates", "final")
+THREAT_MODELS = {
+    "iterates": "white-box, all iterates: the auditor chooses each canary's per-sample gradient and reads every "
+                "step's privatised release (S+Z)/B, the input of the method's post-processing",
+    "final": "white-box, last iterate: the auditor chooses each canary's per-sample gradient and reads only the "
+             "initial and the final model",
+}
+# A canary's gradient norm as a multiple of C: far above any clip, so a clip that lets more than the
+# ledger's sensitivity through (up to this factor) shows in the release.
+CANARY_NORM = 100.0
+# Coordinates per canary in each tensor: at most this many, and at most d // m, so that no two
+# canaries share one.
+MAX_COORDS = 64
+# Significance of each white-box mechanism check (noise floor; canary signal). The bugs they target
+# show at z-scores far beyond it; it keeps their false alarms negligible beside the bound's 1 − confidence.
+CHECK_SIGNIFICANCE = 1e-6
+
+
+class _Rows:
+    """The canaries sampled at one step, in the form `dpft.engine.step.add_injected` takes."""
+
+    def __init__(self, canaries: "GradientCanaries", sel):
+        self.c, self.sel = canaries, sel
+
+    def sq_norms(self):
+        return self.c.sq[:, self.sel]
+
+    def weighted_sum(self, factors) -> dict:
+        import torch
+
+        c, sel = self.c, self.sel
+        f = factors.to(c.values.dtype)
+        # one factor per canary ([k]), or per canary and tensor ([P, k]: ANADP's per-group clips)
+        per_coord = f.unsqueeze(1) if f.dim() == 1 else f[c.tid[sel], torch.arange(len(sel), device=f.device).unsqueeze(1)]
+        flat = torch.zeros(c.dim, dtype=c.values.dtype, device=c.values.device)
+        flat.index_add_(0, c.coords[sel].reshape(-1), (c.values[sel] * per_coord).reshape(-1))
+        return {n: flat[o:o + k].view(shape) for n, o, k, shape in zip(c.names, c.offsets, c.sizes, c.shapes)}
+
+
+class GradientCanaries:
+    """m gradient canaries for the white-box one-run audit (`dpft audit --canary gradient`).
+
+    Canary i is a fixed sparse direction u_i in the concatenated *privatised* space (each trainable
+    tensor in `method.space_shape`, i.e. grape's projected space for its projected layers): in every
+    tensor of d ≥ m entries, k = min(MAX_COORDS, d // m) random coordinates with random signs,
+    disjoint from every other canary's, and equal norm in each such tensor, so that a per-group clip
+    (ANADP's) binds in every group the canary touches. Smaller tensors (biases, LayerNorms) carry
+    no canary: shared coordinates would carry the real examples' persistent gradient into many
+    canaries' scores alike (if no tensor has d ≥ m, the largest is shared and `disjoint` is false). Its per-sample gradient is g_i = CANARY_NORM·C·u_i at every step. Its fair coin S_i decides whether
+    it is in the data set; at each step an included canary joins the batch with probability q, the
+    run's sample rate, drawn from the run's own mechanism key (`NoiseSource.generator("audit/canaries",
+    t)`: secret under privacy.noise=secure, independent of the real rows' mask). A sampled canary goes
+    through `dpft.engine.step.add_injected`: the method's `clip_factors`, then the same noise and
+    post-processing as the real examples' clipped sum. The public N counts all m candidates.
+
+    Scores (functions of the releases and the public u_i only, never of S or of the sampling):
+    z_{t,i} = Σ_j (V_j/s_j)(u_ij/s_j) / ‖u_i/s‖ on the step's release V = (S+Z)/B, s_j the claimed
+    per-entry noise std of V on coordinate j's tensor; under the claim the noise part is exactly
+    N(0, 1) and a sampled canary adds at most ‖h_i/s‖ ≤ 1/σ (h_i its clipped contribution; for
+    ANADP's per-group clips and noise Σ_g C_g²/s_g² = 1/σ²). ``iterates`` scores
+    Σ_t log(1 − q + q·exp(z_{t,i}/σ − 1/(2σ²))), the likelihood ratio of a canary sampled with
+    probability q against one never present; ``final`` scores z_i on θ_T − θ_0 instead (only
+    tensors whose privatised space is the parameter itself, the scale of each tensor's change
+    estimated by its median absolute value)."""
+
+    def __init__(self, m: int, seed: int, score: str):
+        self.m, self.score, self.seed = m, score, int(seed)
+        rng = np.random.default_rng([self.seed, 0xA0D17, 1])
+        self.included = rng.random(m) < 0.5
+        self._rng = rng
+        self.z: list = []
+        self.times_sampled = np.zeros(m, dtype=np.int64)
+        self.regenerated = 0
+        self.guess = None  # noise source an auditor could rebuild from the public config
+        self.zero_noise: list[str] = []
+
+    # the `prepare(spec, canaries=...)` seam: no training rows, but N counts all m candidates
+    def insert(self, split):
+        return split
+
+    def attach(self, method, params: dict, privacy) -> None:
+        """Lay the canaries out in the method's privatised space (after `method.setup`)."""
+        import torch
+
+        self.method, self.params = method, params
+        self.names = list(params)
+        self.shapes = [torch.Size(method.space_shape(n, p)) for n, p in params.items()]
+        self.sizes = [int(s.numel()) for s in self.shapes]
+        self.offsets = [int(x) for x in np.cumsum([0] + self.sizes[:-1])]
+        self.dim = int(sum(self.sizes))
+        eligible = [self.score != "final" or tuple(s) == tuple(p.shape) for s, p in zip(self.shapes, params.values())]
+        if not any(eligible):
+            raise DpftError("no trainable tensor is privatised in its own shape: --score final has nothing to read")
+        m = self.m
+        # tensors with room for m disjoint canaries: a coordinate shared between canaries carries the
+        # real examples' gradient into all their scores alike, which the signal check cannot see
+        tensors = [p for p, e in enumerate(eligible) if e and self.sizes[p] >= m]
+        if not tensors:  # none: the largest, shared
+            tensors = [max((p for p, e in enumerate(eligible) if e), key=lambda p: self.sizes[p])]
+        blocks, tids, signs, disjoint = [], [], [], True
+        for p in tensors:
+            k = max(1, min(MAX_COORDS, self.sizes[p] // m))
+            if self.sizes[p] >= m * k:
+                local = self._rng.permutation(self.sizes[p])[:m * k]
+            else:
+                local, disjoint = self._rng.integers(0, self.sizes[p], size=m * k), False
+            blocks.append(self.offsets[p] + local.reshape(m, k))
+            tids.append(np.full((m, k), p))
+            signs.append(self._rng.choice([-1.0, 1.0], size=(m, k)) / np.sqrt(k * len(tensors)))
+        coords = np.concatenate(blocks, axis=1)
+        device = next(iter(params.values())).device
+        self.k, self.disjoint = coords.shape[1], disjoint
+        self.coords = torch.as_tensor(coords, dtype=torch.long, device=device)
+        self.unit = torch.as_tensor(np.concatenate(signs, axis=1), dtype=torch.float32, device=device)
+        self.norm = CANARY_NORM * float(privacy.clip_norm)
+        self.values = self.unit * self.norm
+        self.tid = torch.as_tensor(np.concatenate(tids, axis=1), dtype=torch.long, device=device)
+        sq = torch.zeros(len(self.names), m, dtype=torch.float32, device=device)
+        sq.index_put_((self.tid, torch.arange(m, device=device).unsqueeze(1).expand_as(self.tid)), self.values ** 2,
+                      accumulate=True)
+        self.sq = sq
+        self.q, self.sigma, self.b = float(privacy.sample_rate), float(privacy.sigma), float(privacy.expected_batch_size)
+        self._included = torch.as_tensor(self.included, device=device)
+        self.chi2 = np.zeros(len(self.names))
+        self.dof = np.zeros(len(self.names))
+        self.theta0 = torch.cat([p.detach().float().reshape(-1) if e else p.new_zeros(0, dtype=torch.float32)
+                                 for p, e in zip(params.values(), eligible)]) if self.score == "final" else None
+        self._eligible = eligible
+
+    def draw(self, step: int, noise):
+        """This step's Poisson draw of the included canaries, as injection rows (None if none)."""
+        import torch
+
+        gen = noise.source.generator("audit/canaries", step) if hasattr(noise, "source") else noise
+        u = torch.rand(self.m, generator=gen).to(self._included.device)
+        sel = torch.nonzero(self._included & (u < self.q)).reshape(-1)
+        self.times_sampled[sel.cpu().numpy()] += 1
+        return _Rows(self, sel) if len(sel) else None
+
+    def _zscores(self, V, s):
+        """z_i = Σ_j (V_j/s_j)(u_ij/s_j)/‖u_i/s‖ for the flat vector V and per-tensor scale s."""
+        inv = (1.0 / s.double())[self.tid]  # [m, k]; float64: a near-zero scale must not overflow
+        u = self.unit.double()
+        a = (V[self.coords].double() * u * inv * inv).sum(1)
+        return a / (u * inv).pow(2).sum(1).sqrt()
+
+    def observe(self, grads: dict, step: int) -> None:
+        """Score this step's release (S + Z)/B: z_{t,i}, and the noise-floor statistic per tensor."""
+        import torch
+
+        V = torch.cat([grads[n].detach().float().reshape(-1) for n in self.names])
+        stds = self.method.noise_std()
+        s = torch.tensor([float(stds[n]) / self.b for n in self.names], dtype=torch.float32, device=V.device)
+        for n, x in zip(self.names, s.tolist()):
+            if x <= 0 and n not in self.zero_noise:
+                self.zero_noise.append(n)
+        if self.guess is not None:  # noise an auditor rebuilds from the public seed: subtract it
+            sn = self.guess.for_step(step)
+            zhat = torch.cat([sn.gaussian(shape, float(stds[n]), V.device).reshape(-1).float()
+                              for n, shape in zip(self.names, self.shapes)]) / self.b
+            resid = V - zhat
+            if float(resid.double().pow(2).sum()) < 0.25 * float(V.double().pow(2).sum()):
+                V = resid
+                self.regenerated += 1
+        # a tensor claimed noiseless (a check failure of its own) is scored at a millionth of the others' scale
+        floor = 1e-6 * float(s[s > 0].min()) if bool((s > 0).any()) else 1.0
+        s = torch.where(s > 0, s, torch.full_like(s, floor))
+        for p, (o, k) in enumerate(zip(self.offsets, self.sizes)):
+            self.chi2[p] += float((V[o:o + k].double() / float(s[p])).pow(2).sum())
+            self.dof[p] += k
+        self.z.append(self._zscores(V, s).cpu().double().numpy())
+
+    def scores(self) -> np.ndarray:
+        import torch
+
+        if self.score == "final":
+            theta = torch.cat([p.detach().float().reshape(-1) for p, e in zip(self.params.values(), self._eligible)
+                               if e])
+            delta = torch.zeros(self.dim, dtype=torch.float32, device=theta.device)
+            pos = 0
+            s = torch.ones(len(self.names), dtype=torch.float32, device=theta.device)
+            for p, (o, k, e) in enumerate(zip(self.offsets, self.sizes, self._eligible)):
+                if e:
+                    d = self.theta0[pos:pos + k] - theta[pos:pos + k]  # descent: minus the change
+                    delta[o:o + k] = d
+                    scale = float(d.abs().median()) / 0.6745  # the median absolute change, as a std
+                    s[p] = scale if scale > 0 else max(float(d.abs().max()), 1.0) * 1e-6
+                    pos += k
+            return self._zscores(delta, s).cpu().double().numpy()
+        z = np.stack(self.z)  # [T, m]
+        mu = 1.0 / self.sigma
+        log_out = np.log1p(-self.q) if self.q < 1 else -np.inf
+        return np.logaddexp(log_out, np.log(self.q) + mu * z - mu * mu / 2).sum(0)
+
+    def checks(self) -> dict:
+        """White-box conformance of the releases with the ledger's mechanism (``iterates`` only).
+
+        noise floor: per tensor, Σ_t ‖V_t/s_t‖² ≥st χ²(T·d) under the claim (the noise is
+        N(0, s²) per entry and independent of S given the past; a non-zero mean only makes the sum
+        larger, by Anderson's theorem), so a sum far below χ²(T·d)'s lower tail means less noise
+        than claimed; Bonferroni over tensors.
+        canary signal: Σ_t z_{t,i} has mean ≤ q·T/σ more for an included canary than for an
+        excluded one (each sampled step adds at most 1/σ); Welch's one-sided test of the observed
+        difference against that bound (normal approximation: m/2 canaries a side)."""
+        from scipy.stats import chi2, norm
+
+        out = {"significance": CHECK_SIGNIFICANCE}
+        p_noise = [float(chi2.cdf(x, d)) for x, d in zip(self.chi2, self.dof)]
+        worst = int(np.argmin(p_noise))
+        out["noise_floor"] = {
+            "tensor": self.names[worst], "ratio": float(self.chi2[worst] / self.dof[worst]),
+            "p_value": p_noise[worst], "tensors": len(p_noise),
+            "zero_noise_tensors": list(self.zero_noise),
+            "failed": bool(self.zero_noise) or p_noise[worst] < CHECK_SIGNIFICANCE / len(p_noise),
+        }
+        Z = np.stack(self.z).sum(0)
+        zin, zout = Z[self.included], Z[~self.included]
+        bound = self.q * len(self.z) / self.sigma
+        diff = float(zin.mean() - zout.mean())
+        se = float(np.sqrt(zin.var(ddof=1) / len(zin) + zout.var(ddof=1) / len(zout)))
+        p_sig = float(norm.sf((diff - bound) / se)) if se > 0 else float(diff <= bound)
+        out["canary_signal"] = {
+            "observed": diff, "claimed_max": bound, "ratio": diff / bound if bound > 0 else float("inf"),
+            "p_value": p_sig, "failed": p_sig < CHECK_SIGNIFICANCE,
+        }
+        out["failed"] = out["noise_floor"]["failed"] or out["canary_signal"]["failed"]
+        return out
+
+
+class CanaryMethod:
+    """The run's method with gradient canaries: every attribute is the wrapped method's, plus the
+    engine's injection seam (`injected_gradients`) and an observer of each step's privatised
+    release, which `dp_step` hands to `postprocess`."""
+
+    def __init__(self, inner, canaries: GradientCanaries):
+        self._inner, self._canaries = inner, canaries
+
+    def __getattr__(self, name):
+        if name.startswith("__") or name in ("_inner", "_canaries"):
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+    def setup(self, model, params, privacy) -> None:
+        self._inner.setup(model, params, privacy)
+        self._canaries.attach(self._inner, params, privacy)
+
+    def injected_gradients(self, step: int, noise):
+        return self._canaries.draw(step, noise)
+
+    def postprocess(self, grads, noise_std, step):
+        self._canaries.observe(grads, step)
+        return self._inner.postprocess(grads, noise_std, step)
 
 
 # --------------------------------------------------------------------------- the command
@@ -285,36 +529,107 @@ def audit_dir(output_dir, run_id: str, settings: dict) -> Path:
     return Path(output_dir) / "audits" / hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def run_audit(spec, canaries: int, length: int, confidence: float, score: str = "embedding",
-              force: bool = False) -> AuditResult:
+def run_audit(spec, canaries: int, length: int, confidence: float, score: str | None = None,
+              force: bool = False, kind: str = "input") -> AuditResult:
     """Train the composed config once with canaries through the shared engine, score them, and
-    write ``<output_dir>/audits/<id>/audit.json`` (plus the run's config, metrics and summary)."""
-    import copy
-
-    from omegaconf import OmegaConf
-
-    from dpft import store
-    from dpft.engine import train as engine
-    from dpft.models import load_tokenizer
-    from dpft.run import _archive_previous
-    from dpft.tracking import NullTracker, Progress
-
+    write ``<output_dir>/audits/<id>/audit.json`` (plus the run's config, metrics and summary).
+    `kind`: "input" (random-word sentences, scored by `score` embedding | loss) or "gradient"
+    (auditor-chosen per-sample gradients, scored on the iterates | the final model)."""
+    if kind not in CANARY_KINDS:
+        raise DpftError(f"--canary must be one of {', '.join(CANARY_KINDS)}, got {kind!r}")
+    scores_ok = SCORES if kind == "input" else GRADIENT_SCORES
+    score = scores_ok[0] if score is None else score
     if canaries < 10:
         raise DpftError(f"--canaries must be >= 10, got {canaries}")
     if length < 1:
         raise DpftError(f"--canary-length must be >= 1, got {length}")
     if not 0 < confidence < 1:
         raise DpftError(f"--confidence must be in (0, 1), got {confidence}")
-    if score not in SCORES:
-        raise DpftError(f"--score must be one of {', '.join(SCORES)}, got {score!r}")
-    cfg = spec.cfg
-    settings = {"canaries": canaries, "canary_length": length, "confidence": confidence, "score": score,
-                "unsafe_break": UNSAFE_BREAK}
-    path = audit_dir(cfg.paths.output_dir, spec.run_id, settings)
+    if score not in scores_ok:
+        raise DpftError(f"--score for --canary {kind} must be one of {', '.join(scores_ok)}, got {score!r}")
+    if kind == "input":
+        # "unsafe_break" stays in the hash so that existing audit ids do not change
+        settings = {"canaries": canaries, "canary_length": length, "confidence": confidence, "score": score,
+                    "unsafe_break": None}
+    else:
+        settings = {"canary": kind, "canaries": canaries, "confidence": confidence, "score": score,
+                    "canary_norm": CANARY_NORM, "max_coords": MAX_COORDS}
+    path = audit_dir(spec.cfg.paths.output_dir, spec.run_id, settings)
+    from dpft import store
+
     previous = store.read_json(path / "audit.json")
     if previous is not None and not force:
         return AuditResult(path, previous, skipped=True)
+    if kind == "input":
+        return _run_input(spec, path, settings, canaries, length, confidence, score)
+    return _run_gradient(spec, path, settings, canaries, confidence, score)
 
+
+def _train(spec, prep, path: Path) -> dict:
+    from dpft import store
+    from dpft.engine import train as engine
+    from dpft.run import _archive_previous
+    from dpft.tracking import NullTracker, Progress
+
+    _archive_previous(path)
+    path.mkdir(parents=True, exist_ok=True)
+    store.atomic_write_text(path / "config.yaml", engine.config_yaml(spec))
+    progress = Progress(str(spec.cfg.runtime.progress), prep.steps, f"audit {spec.slug}")
+    try:
+        return engine.run(prep, path, NullTracker(), progress)
+    finally:
+        progress.close()
+
+
+def _finish(spec, prep, path: Path, settings: dict, summary: dict, scores: np.ndarray, included: np.ndarray,
+            confidence: float, extra: dict, rows: list[dict], checks: dict | None = None) -> dict:
+    from omegaconf import OmegaConf
+    from sklearn.metrics import roc_auc_score
+
+    from dpft import store
+    from dpft.engine import train as engine
+
+    ledger = summary["privacy"]
+    delta = float(ledger["delta"]) if ledger.get("private") else 0.0
+    test = membership_test(scores, included, delta, confidence)
+    claimed = float(ledger["epsilon"])
+    exceeds = bool(test["epsilon_lower_bound"] > claimed)
+    result = {
+        "run_id": spec.run_id,
+        "slug": spec.slug,
+        "method": summary["method"],
+        "overrides": list(spec.overrides),
+        **extra,
+        "canaries": len(scores),
+        "included": int(included.sum()),
+        "claimed_epsilon": claimed,
+        "delta": delta,
+        "sigma": ledger.get("sigma"),
+        "steps": summary["steps"],
+        "sample_rate": ledger.get("sample_rate"),
+        "auc": float(roc_auc_score(included, scores)),
+        **test,
+        "exceeds_claim": exceeds,
+        "mechanism_checks": checks,
+        "violation": exceeds or bool(checks and checks["failed"]),
+        "refutable": bool(test["epsilon_max_provable"] > claimed),
+    }
+    store.atomic_write_text(path / "canaries.jsonl", "".join(
+        json.dumps({**r, "included": bool(s), "score": float(sc)}) + "\n" for r, s, sc in zip(rows, included, scores)))
+    store.atomic_write_text(path / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(spec.overrides))))
+    store.atomic_write_json(path / "meta.json", engine.meta(prep, "done", overrides=list(spec.overrides),
+                                                            audit=settings))
+    store.atomic_write_json(path / "audit.json", result)  # last: its presence means the audit finished
+    return result
+
+
+def _run_input(spec, path, settings, canaries, length, confidence, score) -> AuditResult:
+    import copy
+
+    from dpft.engine import train as engine
+    from dpft.models import load_tokenizer
+
+    cfg = spec.cfg
     _check_task(cfg.task)
     tokenizer = load_tokenizer(cfg.model)
     cans = make_canaries(tokenizer, cfg.task, canaries, length, int(cfg.seed))
@@ -323,58 +638,53 @@ def run_audit(spec, canaries: int, length: int, confidence: float, score: str = 
     if score == "embedding" and (emb is None or not emb.requires_grad):
         raise DpftError("the embedding score needs trainable word embeddings (this config freezes them, e.g. "
                         "model.peft=lora); use --score loss")
-    if UNSAFE_BREAK:
-        log.warning("UNSAFE: the audit run's mechanism is deliberately broken (%s)", UNSAFE_BREAK)
-        _break_mechanism(prep.method, UNSAFE_BREAK)
     theta0 = copy.deepcopy(prep.model)  # public: the seed's random init (or the public checkpoint)
-
-    _archive_previous(path)
-    path.mkdir(parents=True, exist_ok=True)
-    store.atomic_write_text(path / "config.yaml", engine.config_yaml(spec))
-    progress = Progress(str(cfg.runtime.progress), prep.steps, f"audit {spec.slug}")
-    try:
-        summary = engine.run(prep, path, NullTracker(), progress)
-    finally:
-        progress.close()
-
+    summary = _train(spec, prep, path)
     scores = score_canaries(score, theta0, prep.model, tokenizer, cans, int(cfg.task.max_length), prep.device,
                             int(cfg.runtime.eval_batch_size))
-    ledger = summary["privacy"]
-    delta = float(ledger["delta"]) if ledger.get("private") else 0.0
-    test = membership_test(scores, cans.included, delta, confidence)
-    claimed = float(ledger["epsilon"])
-    from sklearn.metrics import roc_auc_score
+    extra = {"canary": "input",
+             "procedure": "one-run canary audit (Steinke, Nasr & Jagielski 2023), input-space canaries, "
+                          "Bonferroni over guess counts",
+             "threat_model": "black-box data: the auditor adds examples (random-word sentences) and reads the "
+                             "final model" + (" (its word embeddings)" if score == "embedding" else " (its loss)"),
+             "score": score, "canary_length": length}
+    rows = [{"text": list(t), "label": y} for t, y in zip(cans.texts, cans.labels)]
+    return AuditResult(path, _finish(spec, prep, path, settings, summary, scores, cans.included, confidence,
+                                     extra, rows))
 
-    result = {
-        "run_id": spec.run_id,
-        "slug": spec.slug,
-        "method": summary["method"],
-        "overrides": list(spec.overrides),
-        "procedure": "one-run canary audit (Steinke, Nasr & Jagielski 2023), input-space canaries, "
-                     "Bonferroni over guess counts",
-        "score": score,
-        "canaries": canaries,
-        "canary_length": length,
-        "included": int(cans.included.sum()),
-        "claimed_epsilon": claimed,
-        "delta": delta,
-        "sigma": ledger.get("sigma"),
-        "steps": summary["steps"],
-        "sample_rate": ledger.get("sample_rate"),
-        "auc": float(roc_auc_score(cans.included, scores)),
-        **test,
-        "violation": bool(test["epsilon_lower_bound"] > claimed),
-        "refutable": bool(test["epsilon_max_provable"] > claimed),
-        "unsafe_broken_mechanism": UNSAFE_BREAK,
-    }
-    store.atomic_write_text(path / "canaries.jsonl", "".join(
-        json.dumps({"text": list(t), "label": y, "included": bool(s), "score": float(sc)}) + "\n"
-        for t, y, s, sc in zip(cans.texts, cans.labels, cans.included, scores)))
-    store.atomic_write_text(path / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(spec.overrides))))
-    store.atomic_write_json(path / "meta.json", engine.meta(prep, "done", overrides=list(spec.overrides),
-                                                            audit=settings))
-    store.atomic_write_json(path / "audit.json", result)  # last: its presence means the audit finished
-    return AuditResult(path, result)
+
+def _run_gradient(spec, path, settings, canaries, confidence, score) -> AuditResult:
+    from dpft.engine import noise
+    from dpft.engine import train as engine
+
+    cfg = spec.cfg
+    cans = GradientCanaries(canaries, int(cfg.seed), score)
+    prep = engine.prepare(spec, canaries=cans)  # N counts the m candidates; no rows are added
+    if not prep.method.private:
+        raise DpftError(f"method={prep.method.name} claims no ε (∞): gradient canaries audit a DP step's clip and "
+                        "noise, which it does not have; use --canary input")
+    mode = str(cfg.privacy.get("noise", "secure"))
+    if mode != "seeded":  # a mechanism claiming secret noise: try the noise anyone could rebuild from the config
+        cans.guess = noise.NoiseSource.create("seeded", int(cfg.seed), spec.run_id)
+        cans.guess.mode = mode  # drawn as the claimed mode draws (secure: Opacus' four-draw sum)
+    prep.method = CanaryMethod(prep.method, cans)
+    summary = _train(spec, prep, path)
+    scores = cans.scores()
+    checks = cans.checks() if score == "iterates" else None
+    extra = {"canary": "gradient",
+             "procedure": "one-run canary audit (Steinke, Nasr & Jagielski 2023), white-box gradient canaries, "
+                          "Bonferroni over guess counts",
+             "threat_model": THREAT_MODELS[score], "score": score,
+             "canary_norm": cans.norm, "coords_per_canary": cans.k, "disjoint": cans.disjoint,
+             "privatised_dim": cans.dim,
+             "projected_tensors": [n for n, sh, p in zip(cans.names, cans.shapes, cans.params.values())
+                                   if tuple(sh) != tuple(p.shape)],
+             "noise_regenerated_steps": cans.regenerated,
+             "noise_guess": None if cans.guess is None else "privacy.noise=seeded key of this config",
+             "in_canaries_never_sampled": int(((cans.times_sampled == 0) & cans.included).sum())}
+    rows = [{"canary": i, "times_sampled": int(t)} for i, t in enumerate(cans.times_sampled)]
+    return AuditResult(path, _finish(spec, prep, path, settings, summary, scores, cans.included, confidence,
+                                     extra, rows, checks))
 
 
 def rich_table(res: AuditResult):
@@ -385,20 +695,33 @@ def rich_table(res: AuditResult):
     fmt = lambda v: "∞" if v == float("inf") or v == "inf" else f"{v:.3f}"  # noqa: E731
     # escape: rich reads "[a692c970dac7]" as a markup tag and prints nothing
     table = Table(title=escape(f"dpft audit: {r['slug']}  [{r['run_id']}]"), show_header=False, title_justify="left")
-    if r.get("unsafe_broken_mechanism"):
-        table.add_row("[bold red]UNSAFE[/]", f"[bold red]mechanism deliberately broken: {r['unsafe_broken_mechanism']}[/]")
     table.add_row("claimed ε (δ)", f"{fmt(r['claimed_epsilon'])}  (δ={r['delta']:.3g}, σ={r['sigma']:.4g}, "
                   f"q={r['sample_rate']:.4g}, {r['steps']} steps)" if r["sigma"] is not None else "∞ (non-private)")
-    table.add_row("canaries", f"{r['canaries']} ({r['included']} in, {r['canaries'] - r['included']} out), "
-                  f"{r['canary_length']} words each")
+    kind = r.get("canary", "input")
+    what = (f"{r['canary_length']} words each" if kind == "input" else
+            f"gradients of norm {r['canary_norm']:.3g} on {r['coords_per_canary']} coordinates each, score {r['score']}")
+    table.add_row("canaries", f"{r['canaries']} ({r['included']} in, {r['canaries'] - r['included']} out), {what}")
+    if r.get("noise_regenerated_steps"):
+        table.add_row("[bold red]noise rebuilt[/]", f"[bold red]{r['noise_regenerated_steps']} steps' noise rebuilt "
+                      "from the public config and subtracted[/]")
     table.add_row("best guess", f"{r['correct']}/{r['guesses']} correct (top {r['k_in']} in, bottom {r['k_out']} out)")
     lo, hi = r["precision_ci"]
     table.add_row("precision", f"{r['precision']:.3f}  ({100 * r['confidence']:.0f}% Clopper–Pearson [{lo:.3f}, {hi:.3f}])")
     table.add_row("score AUC (in vs out)", f"{r['auc']:.3f}")
-    verdict = ("[bold red]exceeds the claim[/]" if r["violation"] else "[green]below the claim[/]")
+    exceeds = r.get("exceeds_claim", r["violation"])
+    verdict = ("[bold red]exceeds the claim[/]" if exceeds else "[green]below the claim[/]")
     table.add_row(f"empirical ε ≥ ({100 * r['confidence']:.0f}%)", f"[bold]{fmt(r['epsilon_lower_bound'])}[/]  {verdict}")
     table.add_row("most this audit can show", fmt(r["epsilon_max_provable"])
                   + ("" if r["refutable"] else "  (≤ claimed ε: use more canaries or audit a smaller ε)"))
+    checks = r.get("mechanism_checks")
+    if checks:
+        nf, cs = checks["noise_floor"], checks["canary_signal"]
+        bad = lambda f: "[bold red]FAILED[/]" if f else "[green]ok[/]"  # noqa: E731
+        table.add_row("noise floor", f"{bad(nf['failed'])}  lowest ‖release‖²/claimed noise {nf['ratio']:.3f} "
+                      f"({nf['tensor']}, p={nf['p_value']:.2g})"
+                      + (f"; no noise on {', '.join(nf['zero_noise_tensors'])}" if nf["zero_noise_tensors"] else ""))
+        table.add_row("canary signal", f"{bad(cs['failed'])}  in − out {cs['observed']:.3f} vs at most "
+                      f"{cs['claimed_max']:.3f} under the claim (×{cs['ratio']:.2f}, p={cs['p_value']:.2g})")
     table.caption = str(res.path / "audit.json")
     table.caption_justify = "left"
     return table
