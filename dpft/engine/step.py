@@ -13,6 +13,8 @@ unless a method privatises a data-independent linear projection, as grape does: 
 gets per-sample gradients already in that shape, ghost mode maps the clipped sum with
 `method.space_map`), and `method.apply_update` hands the result to the optimizer (default:
 p.grad = G', optimizer.step()).
+`add_injected` is the one entry for per-sample gradients that come from no example (the white-box
+canaries of `dpft audit --canary gradient`): they get the method's clip and join S before the noise.
 """
 
 from __future__ import annotations
