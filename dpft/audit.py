@@ -317,7 +317,8 @@ class _Rows:
         c, sel = self.c, self.sel
         f = factors.to(c.values.dtype)
         # one factor per canary ([k]), or per canary and tensor ([P, k]: ANADP's per-group clips)
-        per_coord = f.unsqueeze(1) if f.dim() == 1 else f[c.tid[sel], torch.arange(len(sel), device=f.device).unsqueeze(1)]
+        per_coord = (f.unsqueeze(1) if f.dim() == 1
+                     else f[c.tid[sel], torch.arange(len(sel), device=f.device).unsqueeze(1)])
         flat = torch.zeros(c.dim, dtype=c.values.dtype, device=c.values.device)
         flat.index_add_(0, c.coords[sel].reshape(-1), (c.values[sel] * per_coord).reshape(-1))
         c.seconds += time.perf_counter() - t0
@@ -333,8 +334,9 @@ class GradientCanaries:
     disjoint from every other canary's, and equal norm in each such tensor, so that a per-group clip
     (ANADP's) binds in every group the canary touches. Smaller tensors (biases, LayerNorms) carry
     no canary: shared coordinates would carry the real examples' persistent gradient into many
-    canaries' scores alike (if no tensor has d ≥ m, the largest is shared and `disjoint` is false). Its per-sample gradient is g_i = CANARY_NORM·C·u_i at every step. Its fair coin S_i decides whether
-    it is in the data set; at each step an included canary joins the batch with probability q, the
+    canaries' scores alike (if no tensor has d ≥ m, the largest is shared and `disjoint` is false).
+    Its per-sample gradient is g_i = CANARY_NORM·C·u_i at every step. Its fair coin S_i decides
+    whether it is in the data set; at each step an included canary joins the batch with probability q, the
     run's sample rate, drawn from the run's own mechanism key (`NoiseSource.generator("audit/canaries",
     t)`: secret under privacy.noise=secure, independent of the real rows' mask). A sampled canary goes
     through `dpft.engine.step.add_injected`: the method's `clip_factors`, then the same noise and
@@ -407,7 +409,8 @@ class GradientCanaries:
         sq.index_put_((self.tid, torch.arange(m, device=device).unsqueeze(1).expand_as(self.tid)), self.values ** 2,
                       accumulate=True)
         self.sq = sq
-        self.q, self.sigma, self.b = float(privacy.sample_rate), float(privacy.sigma), float(privacy.expected_batch_size)
+        self.q, self.sigma = float(privacy.sample_rate), float(privacy.sigma)
+        self.b = float(privacy.expected_batch_size)
         self._included = torch.as_tensor(self.included, device=device)
         self.chi2 = np.zeros(len(self.names))
         self.dof = np.zeros(len(self.names))
@@ -730,7 +733,8 @@ def rich_table(res: AuditResult):
                   f"q={r['sample_rate']:.4g}, {r['steps']} steps)" if r["sigma"] is not None else "∞ (non-private)")
     kind = r.get("canary", "input")
     what = (f"{r['canary_length']} words each" if kind == "input" else
-            f"gradients of norm {r['canary_norm']:.3g} on {r['coords_per_canary']} coordinates each, score {r['score']}")
+            f"gradients of norm {r['canary_norm']:.3g} on {r['coords_per_canary']} coordinates each, "
+            f"score {r['score']}")
     table.add_row("canaries", f"{r['canaries']} ({r['included']} in, {r['canaries'] - r['included']} out), {what}")
     if r.get("noise_regenerated_steps"):
         table.add_row("[bold red]noise rebuilt[/]", f"[bold red]{r['noise_regenerated_steps']} steps' noise rebuilt "

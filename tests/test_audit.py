@@ -142,6 +142,12 @@ def test_audit_is_stored_once_and_force_keeps_the_previous(dpft, tmp_path):
     args = ("audit", "--canaries", "40", "train.steps=2", f"paths.output_dir={out}")
     assert dpft(*args).exit_code == 0
     path, first = _audit_json(out)
+    # input canaries keep the ids audits had before --canary existed (the retired switch stays hashed as null)
+    import hashlib
+
+    blob = json.dumps({"run_id": first["run_id"], "canaries": 40, "canary_length": 8, "confidence": 0.95,
+                       "score": "embedding", "unsafe_break": None}, sort_keys=True)
+    assert path.name == hashlib.sha256(blob.encode()).hexdigest()[:12]
     again = dpft(*args)
     assert again.exit_code == 0 and "already audited" in again.stdout
     assert json.loads((path / "audit.json").read_text()) == first

@@ -52,7 +52,8 @@ def test_sigma_halved_is_caught(dpft, tmp_path, monkeypatch):
     """The noise drawer draws σC/2 while the method and the ledger say σC: the release carries a
     quarter of the claimed noise power, which the noise-floor check sees in every tensor."""
     draw = noise.StepNoise.gaussian
-    monkeypatch.setattr(noise.StepNoise, "gaussian", lambda self, shape, std, device: draw(self, shape, std / 2, device))
+    monkeypatch.setattr(noise.StepNoise, "gaussian",
+                        lambda self, shape, std, device: draw(self, shape, std / 2, device))
     r, res = _audit(dpft, tmp_path / "store")
     _caught(r, res)
     nf = res["mechanism_checks"]["noise_floor"]
