@@ -2,6 +2,7 @@
 
     python benchmarks/audit_ideal.py                  # m = 1000 and 5000, claim ε = 2, noise ×1 and ×½
     python benchmarks/audit_ideal.py --m 1000 --trials 20
+    python benchmarks/audit_ideal.py --m 5000 --batch-size 2625 --noise 1   # q = 0.5
 
 Simulates the mechanism the ledger describes, exactly: each of m canaries in with a fair coin; at each
 of T steps an included canary is sampled with probability q and then shifts its statistic by 1/σ in
@@ -9,7 +10,7 @@ units of the noise (z_t ~ N(μ·sampled, 1), μ = 1/σ, the flat-clip Gaussian m
 perfect matched filter with no other examples); scores with the likelihood ratio that `dpft audit
 --canary gradient` uses, then `dpft.audit.membership_test` (the same guess counts, Bonferroni and δ
 term). `--noise 0.5` simulates a mechanism whose noise is half the ledger's (the σ-halved bug) while
-the auditor still scores with the claimed σ. q, σ and T are the preset's: q = 256 / (250 + m), σ
+the auditor still scores with the claimed σ. q, σ and T are the preset's: q = B / (250 + m) (B = 256), σ
 calibrated by the RDP accountant for ε = 2 at δ = 1e-5 over 20 steps. Prints, per setting, the median
 and range of the bound over the trials and the true ε of the simulated mechanism (RDP accountant).
 """
@@ -42,13 +43,14 @@ def main() -> None:
     ap.add_argument("--noise", type=float, nargs="+", default=[1.0, 0.5])
     ap.add_argument("--trials", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=256, help="train.batch_size: q = B / (250 + m)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     rng = np.random.default_rng(args.seed)
     steps, delta, eps = 20, 1e-5, 2.0
     print("m     q       σ      noise  true ε  ideal bound median [min, max]")
     for m in args.m:
-        q = 256 / (250 + m)
+        q = args.batch_size / (250 + m)
         sigma = acct.calibrate_sigma(eps, delta, q, steps, "rdp")
         for noise in args.noise:
             a = acct.make_accountant("rdp")

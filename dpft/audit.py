@@ -456,6 +456,8 @@ class GradientCanaries:
             if float(resid.double().pow(2).sum()) < 0.25 * float(V.double().pow(2).sum()):
                 V = resid
                 self.regenerated += 1
+            elif self.regenerated == 0:  # the first step does not match: a key from the config would have
+                self.guess = None       # matched it; stop paying for the rebuild (a full noise draw a step)
         # a tensor claimed noiseless (a check failure of its own) is scored at a millionth of the others' scale
         floor = 1e-6 * float(s[s > 0].min()) if bool((s > 0).any()) else 1.0
         s = torch.where(s > 0, s, torch.full_like(s, floor))
