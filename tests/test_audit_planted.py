@@ -10,12 +10,13 @@ claim, or (b) one of the two white-box mechanism checks fails. (a) happens with 
 1 − confidence = 5 % per run for a mechanism that is exactly (ε, δ)-DP (Steinke et al.'s theorem;
 the Bonferroni split over the guess counts keeps it at 5 % whichever count is reported), and far
 less here: the accountant's RDP ε over-states the Gaussian mechanism's true ε, and an ideal auditor of
-the exact mechanism reaches only ≈ 0.3 of the claim at these sizes (docs/audit.md), so the bound sits
-several standard errors below the claim — the tests below see 0.2–0.7 against 2. (b) runs each check at
+the exact mechanism reaches only ≈ 0.2–0.3 of the claim at these sizes (docs/audit.md), so the bound
+sits far below the claim — the tests below see 0.1–0.6 against 2. (b) runs each check at
 significance 1e-6 (Bonferroni over tensors for the noise floor: an exact χ² argument; the canary
-signal check is a normal approximation with m/2 canaries a side). So over the correct-engine runs
-here the family-wise false-alarm probability is bounded by runs × (5 % + 2e-6) in the worst case
-and is negligible in practice; the planted bugs are caught at p-values below 1e-10 or with bounds
+signal check is a normal approximation over the ≈ 450 included canaries sampled at some steps and
+not at others, with the cross-talk of the real examples cancelled within each canary). So over the
+correct-engine runs here the family-wise false-alarm probability is bounded by runs × (5 % + 2e-6)
+in the worst case and is negligible in practice; the planted bugs are caught at p-values below 1e-10 or with bounds
 several times the claim, so the detections are not marginal either.
 """
 
