@@ -501,12 +501,13 @@ class GradientCanaries:
         larger, by Anderson's theorem), so a sum far below χ²(T·d)'s lower tail means less noise
         than claimed; Bonferroni over tensors.
         canary signal: the auditor knows when it injected each canary (the ε bound never uses it). For
-        an included canary i sampled at n_i of the T steps (0 < n_i < T), d_i = mean of z_{t,i} over
-        its sampled steps − mean over its other steps; the sampling at t is independent of the state
-        at t, so the real examples' cross-talk cancels in expectation and E[d_i] ≤ 1/σ under the
-        claim (a sampled canary adds at most ‖h_i/s‖ ≤ 1/σ). One-sided test of the precision-weighted
-        mean of the d_i (weights 1/(1/n_i + 1/(T−n_i)); standard error from the d_i's own spread,
-        canaries being independent: disjoint coordinates) against 1/σ, normal approximation."""
+        an included canary first sampled at step t1 > 1, d_i = z_{t1,i} − mean_{t<t1} z_{t,i}. Until t1
+        the canary has never touched the model, and its random signs are independent of everything
+        else, so the real examples' cross-talk on its coordinates has mean 0 at every t ≤ t1 (no
+        feedback), and the subtraction removes its persistent part; under the claim E[d_i] ≤ 1/σ (a
+        sampled canary adds at most ‖h_i/s‖ ≤ 1/σ). One-sided test of the precision-weighted mean of
+        the d_i (weights 1/(1 + 1/(t1−1))); standard error from the d_i's own spread, canaries being
+        independent (disjoint coordinates)) against 1/σ, normal approximation."""
         from scipy.stats import chi2, norm
 
         out = {"significance": CHECK_SIGNIFICANCE}
@@ -519,18 +520,19 @@ class GradientCanaries:
             "failed": bool(self.zero_noise) or p_noise[worst] < CHECK_SIGNIFICANCE / len(p_noise),
         }
         z, sampled = np.stack(self.z), np.stack(self.sampled)  # [T, m]
-        T = len(z)
-        n = sampled.sum(0)
-        use = self.included & (n > 0) & (n < T)
+        first = np.where(sampled.any(0), sampled.argmax(0), -1)  # 0-based step of the first injection
+        use = self.included & (first >= 1)
         bound = 1.0 / self.sigma
         if use.sum() >= 10:
-            zs, ss, nn = z[:, use], sampled[:, use], n[use].astype(float)
-            d = (zs * ss).sum(0) / nn - (zs * ~ss).sum(0) / (T - nn)
-            w = 1.0 / (1.0 / nn + 1.0 / (T - nn))
+            idx = np.flatnonzero(use)
+            t1 = first[idx]
+            before = np.cumsum(z, axis=0)[t1 - 1, idx] / t1  # mean of z over the steps before t1
+            d = z[t1, idx] - before
+            w = 1.0 / (1.0 + 1.0 / t1)
             mean = float((w * d).sum() / w.sum())
             se = float(np.sqrt((w ** 2 * (d - mean) ** 2).sum()) / w.sum())
             p_sig = float(norm.sf((mean - bound) / se)) if se > 0 else float(mean <= bound)
-        else:  # too few canaries sampled at some steps and not at others: no test
+        else:  # too few canaries first sampled after step 1: no test
             mean, p_sig = None, 1.0
         out["canary_signal"] = {
             "observed": mean, "claimed_max": bound, "ratio": None if mean is None else mean / bound, "p_value": p_sig,

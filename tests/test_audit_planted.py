@@ -16,8 +16,8 @@ significance 1e-6 (Bonferroni over tensors for the noise floor: an exact χ² ar
 signal check is a normal approximation over the ≈ 450 included canaries sampled at some steps and
 not at others, with the cross-talk of the real examples cancelled within each canary). So over the
 correct-engine runs here the family-wise false-alarm probability is bounded by runs × (5 % + 2e-6)
-in the worst case and is negligible in practice; the planted bugs are caught at p-values below 1e-10 or with bounds
-several times the claim, so the detections are not marginal either.
+in the worst case and is negligible in practice; the planted bugs are caught at p-values below
+1e-10 or with bounds well above the claim, so the detections are not marginal either.
 """
 
 from __future__ import annotations
@@ -32,11 +32,11 @@ from dpft.engine import noise
 from dpft.methods import base
 
 # m = 1000 canaries, 10 steps of the audit preset (q ≈ 0.2, claim ε = 2): ~15 s of CPU per audit
-ARGS = ("audit", "--canary", "gradient", "--canaries", "1000", "train.steps=10")
+ARGS = ("audit", "--canary", "gradient", "train.steps=10")
 
 
-def _audit(dpft, out: Path, *extra: str) -> tuple[object, dict]:
-    r = dpft(*ARGS, *extra, f"paths.output_dir={out}")
+def _audit(dpft, out: Path, *extra: str, m: int = 1000) -> tuple[object, dict]:
+    r = dpft(*ARGS, "--canaries", str(m), *extra, f"paths.output_dir={out}")
     found = sorted((out / "audits").glob("*/audit.json"))
     res = json.loads(found[0].read_text()) if found else None
     return r, res
@@ -64,10 +64,12 @@ def test_sigma_halved_is_caught(dpft, tmp_path, monkeypatch):
 def test_reported_noise_halved_is_caught(dpft, tmp_path, monkeypatch):
     """The method's noise_std (what it draws and what it reports to post-processing) is halved
     while the accountant composes σ: the noise floor agrees with the method, but the canaries
-    stand out twice as far as the ledger's σ allows."""
+    stand out twice as far as the ledger's σ allows (ratio ≈ 2 where 1 is the most a correct
+    engine shows)."""
     std = base.Method.noise_std
     monkeypatch.setattr(base.Method, "noise_std", lambda self: {k: v / 2 for k, v in std(self).items()})
-    r, res = _audit(dpft, tmp_path / "store")
+    # 3000 canaries: the signal check's standard error is ≈ 0.06 of the bound, the excess 1.0
+    r, res = _audit(dpft, tmp_path / "store", m=3000)
     _caught(r, res)
     cs = res["mechanism_checks"]["canary_signal"]
     assert cs["failed"] and cs["ratio"] > 1.5
