@@ -3,7 +3,9 @@
 The statistics are checked against scipy's Clopper–Pearson interval and against a simulated
 mechanism whose true ε is known; end to end, every DP method's empirical ε must stay below its
 claimed ε while the audit can prove more than the claim, and a deliberately broken mechanism
-(noise switched off, still accounted as σ) must be caught with a large empirical ε."""
+(noise switched off, still accounted as σ; planted from the test) must be caught with a large empirical ε.
+Gradient canaries (`--canary gradient`): every method, both scores, the refusals; the planted-bug
+suite is tests/test_audit_planted.py."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from dpft import audit as au
 
@@ -104,7 +107,7 @@ def test_empirical_epsilon_stays_below_the_claim(dpft, tmp_path, method):
     assert res["refutable"] and res["epsilon_max_provable"] > res["claimed_epsilon"]
     # ... and does not
     assert res["epsilon_lower_bound"] < res["claimed_epsilon"]
-    assert res["violation"] is False and res["unsafe_broken_mechanism"] is None
+    assert res["violation"] is False and res["canary"] == "input"
     # public parameters: N counts every candidate canary, whichever coins came up
     assert ledger["dataset_size"] == 250 + res["canaries"]
     assert ledger["sample_rate"] == pytest.approx(256 / ledger["dataset_size"])
@@ -114,17 +117,24 @@ def test_empirical_epsilon_stays_below_the_claim(dpft, tmp_path, method):
 
 
 def test_broken_mechanism_is_caught(dpft, tmp_path, monkeypatch):
-    """Noise switched off but still accounted as σ: a large empirical ε, exit 1, one error line."""
-    monkeypatch.setattr(au, "UNSAFE_BREAK", "noise-off")
+    """Noise switched off in the drawer (planted from here: dpft/engine/noise.py's StepNoise) but
+    still accounted as σ: a large empirical ε, exit 1, one error line."""
+    from dpft.engine import noise
+
+    monkeypatch.setattr(noise.StepNoise, "gaussian", lambda self, shape, std, device: torch.zeros(shape, device=device))
     out = tmp_path / "store"
     r = dpft("audit", f"paths.output_dir={out}")
     assert r.exit_code == 1, (r.stdout, r.stderr, r.exception)
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
     assert len(errors) == 1 and "exceeds the claimed" in errors[0] and "Traceback" not in r.stderr
     _, res = _audit_json(out)
-    assert res["unsafe_broken_mechanism"] == "noise-off" and res["violation"] is True
+    assert res["violation"] is True and res["exceeds_claim"] is True and res["mechanism_checks"] is None
     assert res["auc"] > 0.95
     assert res["epsilon_lower_bound"] > 1.5 * res["claimed_epsilon"]
+
+
+def test_no_test_only_switch_in_the_audit():
+    assert not hasattr(au, "UNSAFE_BREAK") and not hasattr(au, "_break_mechanism")
 
 
 def test_audit_is_stored_once_and_force_keeps_the_previous(dpft, tmp_path):
@@ -132,6 +142,12 @@ def test_audit_is_stored_once_and_force_keeps_the_previous(dpft, tmp_path):
     args = ("audit", "--canaries", "40", "train.steps=2", f"paths.output_dir={out}")
     assert dpft(*args).exit_code == 0
     path, first = _audit_json(out)
+    # input canaries keep the ids audits had before --canary existed (the retired switch stays hashed as null)
+    import hashlib
+
+    blob = json.dumps({"run_id": first["run_id"], "canaries": 40, "canary_length": 8, "confidence": 0.95,
+                       "score": "embedding", "unsafe_break": None}, sort_keys=True)
+    assert path.name == hashlib.sha256(blob.encode()).hexdigest()[:12]
     again = dpft(*args)
     assert again.exit_code == 0 and "already audited" in again.stdout
     assert json.loads((path / "audit.json").read_text()) == first
@@ -141,3 +157,115 @@ def test_audit_is_stored_once_and_force_keeps_the_previous(dpft, tmp_path):
     assert json.loads((path / "audit.json").read_text())["epsilon_lower_bound"] == first["epsilon_lower_bound"]
     # a dpft train run of the same config is a different store entry
     assert not (out / "runs").exists()
+
+
+# --------------------------------------------------------------------------- gradient canaries
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_gradient_canaries_every_method(dpft, tmp_path, method):
+    """White-box gradient canaries through each method's own clip, noise and post-processing: the
+    bound stays below the claim, both mechanism checks pass, and the public N counts every candidate."""
+    out = tmp_path / "store"
+    m = 300
+    r = dpft("audit", "--canary", "gradient", "--canaries", str(m), f"method={method}", *METHODS[method],
+             f"paths.output_dir={out}")
+    assert r.exit_code == 0, (r.stdout, r.stderr, r.exception)
+    path, res = _audit_json(out)
+    ledger = json.loads((path / "summary.json").read_text())["privacy"]
+    assert res["canary"] == "gradient" and res["score"] == "iterates" and res["method"] == method
+    assert res["claimed_epsilon"] == pytest.approx(ledger["epsilon"])
+    assert ledger["dataset_size"] == 250 + m and ledger["noise"] == "secure"
+    assert res["refutable"] and res["epsilon_lower_bound"] < res["claimed_epsilon"] and not res["violation"]
+    checks = res["mechanism_checks"]
+    assert not checks["failed"] and checks["noise_floor"]["tensors"] == 41  # every tiny-bert tensor trains
+    assert res["noise_regenerated_steps"] == 0 and res["disjoint"]
+    # the canaries were really in the run: included ones sampled ~q·T times, excluded ones never
+    rows = [json.loads(x) for x in (path / "canaries.jsonl").read_text().splitlines()]
+    assert len(rows) == m and sum(x["included"] for x in rows) == res["included"]
+    assert all(x["times_sampled"] == 0 for x in rows if not x["included"])
+    mean_in = np.mean([x["times_sampled"] for x in rows if x["included"]])
+    assert mean_in == pytest.approx(ledger["sample_rate"] * res["steps"], rel=0.25)
+    if method == "grape":  # canaries live in the projected space of the projected layers
+        assert res["projected_tensors"] and res["privatised_dim"] < _model_dim(path)
+    else:
+        assert not res["projected_tensors"] and res["privatised_dim"] == _model_dim(path)
+
+
+def _model_dim(path: Path) -> int:
+    from dpft.config import compose_run
+    from dpft.engine import train as engine
+
+    spec = compose_run(["debug=audit", "train.batch_size=8"])
+    return sum(p.numel() for p in engine.prepare(spec).model.parameters() if p.requires_grad)
+
+
+def test_gradient_canaries_last_iterate(dpft, tmp_path):
+    """--score final reads θ_T − θ_0 only: no mechanism checks (they need every release); the noise
+    switched off is still caught from the final model alone."""
+    from dpft.engine import noise
+
+    out = tmp_path / "store"
+    args = ("audit", "--canary", "gradient", "--score", "final", "--canaries", "500", "train.steps=10")
+    r = dpft(*args, f"paths.output_dir={out}")
+    assert r.exit_code == 0, (r.stdout, r.stderr, r.exception)
+    _, res = _audit_json(out)
+    assert res["score"] == "final" and res["mechanism_checks"] is None and "last iterate" in res["threat_model"]
+    assert res["epsilon_lower_bound"] < res["claimed_epsilon"]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(noise.StepNoise, "gaussian", lambda self, shape, std, device: torch.zeros(shape, device=device))
+        out2 = tmp_path / "broken"
+        r = dpft(*args, f"paths.output_dir={out2}")
+    assert r.exit_code == 1, (r.stdout, r.stderr, r.exception)
+    _, res = _audit_json(out2)
+    assert res["exceeds_claim"] and res["epsilon_lower_bound"] > res["claimed_epsilon"]
+
+
+def test_gradient_canaries_bad_input(dpft, tmp_path):
+    out = tmp_path / "store"
+    for args, words in [(("--canary", "gradient", "method=nonprivate"), "claims no ε"),
+                        (("--canary", "gradient", "--score", "embedding"), "must be one of iterates, final"),
+                        (("--canary", "weights"), "must be one of input, gradient")]:
+        r = dpft("audit", *args, f"paths.output_dir={out}")
+        assert r.exit_code != 0 and r.exit_code != 1, (args, r.stdout, r.stderr)
+        errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error: ")]
+        assert len(errors) == 1 and words in errors[0] and "Traceback" not in r.stderr, r.stderr
+    assert not (out / "audits").exists()
+
+
+def test_injected_canaries_are_clipped_by_the_method(tmp_path):
+    """The engine seam: each injected canary's clipped contribution has norm exactly C under flat
+    clipping (its raw norm is 100·C), and ANADP-style per-tensor factors apply per tensor."""
+    from dpft.engine.step import add_injected
+    from dpft.methods import PrivacyParams
+    from dpft.methods.base import Method
+
+    params = {"a": torch.nn.Parameter(torch.zeros(40, 30)), "b": torch.nn.Parameter(torch.zeros(50))}
+    privacy = PrivacyParams(sigma=1.0, clip_norm=0.5, sample_rate=1.0, expected_batch_size=10.0, steps=1, delta=1e-5)
+    method = Method({})
+    method.setup(None, params, privacy)
+    cans = au.GradientCanaries(20, 0, "iterates")
+    cans.included[:] = True
+    cans.attach(method, params, privacy)
+    assert cans.disjoint and cans.k == 60 + 2  # 1200 // 20 in a, 50 // 20 in b
+    for i in range(3):
+        clipped = {n: torch.zeros_like(p) for n, p in params.items()}
+        rows = au._Rows(cans, torch.tensor([i]))
+        add_injected(method, rows, clipped)
+        total = torch.cat([clipped["a"].reshape(-1), clipped["b"]])
+        assert float(total.norm()) == pytest.approx(0.5, rel=1e-5)
+        flat = torch.zeros(cans.dim)
+        flat[cans.coords[i]] = cans.unit[i]
+        assert torch.allclose(total, 0.5 * flat, atol=1e-6)
+
+    class PerTensor(Method):  # per-tensor clip C/√2 in each tensor (ANADP's shape of factors)
+        def clip_factors(self, sq):
+            return (self.privacy.clip_norm / 2 ** 0.5 / sq.sqrt().clamp_min(1e-12)).clamp(max=1.0)
+
+    per = PerTensor({})
+    per.setup(None, params, privacy)
+    clipped = {n: torch.zeros_like(p) for n, p in params.items()}
+    add_injected(per, au._Rows(cans, torch.tensor([0, 1])), clipped)
+    assert float(clipped["a"].norm()) == pytest.approx(0.5, rel=1e-5)  # two canaries, 0.5/√2 each, orthogonal
+    assert float(clipped["b"].norm()) == pytest.approx(0.5, rel=1e-5)

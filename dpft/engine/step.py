@@ -13,6 +13,8 @@ unless a method privatises a data-independent linear projection, as grape does: 
 gets per-sample gradients already in that shape, ghost mode maps the clipped sum with
 `method.space_map`), and `method.apply_update` hands the result to the optimizer (default:
 p.grad = G', optimizer.step()).
+`add_injected` is the one entry for per-sample gradients that come from no example (the white-box
+canaries of `dpft audit --canary gradient`): they get the method's clip and join S before the noise.
 """
 
 from __future__ import annotations
@@ -169,6 +171,21 @@ def _clipped_sum_bk(model, batch, method, params, clipped, hooks, n_chunks=1) ->
     return losses.detach(), norms, factors, int((~keep).sum())
 
 
+def add_injected(method, rows, clipped: dict[str, Tensor]) -> None:
+    """The seam of `dpft audit --canary gradient`: per-sample gradients chosen by an auditor (not
+    computed from any example) are clipped by the method's own rule and added to the clipped sum
+    S, so the noise, post-processing and release treat them exactly as a real example's. `rows` is
+    None (nothing this step) or has ``sq_norms()`` ([P, k] squared norms per privatised tensor, in
+    the order of `clipped`) and ``weighted_sum(factors)`` (Σ_i w_i g_i per tensor name, in the
+    privatised space, for [k] or [P, k] factors). A method opts in by having an attribute
+    ``injected_gradients(step, noise) -> rows``; dpft.audit wraps the method to provide it."""
+    if rows is None:
+        return
+    factors = method.clip_factors(rows.sq_norms())
+    for name, g in rows.weighted_sum(factors).items():
+        clipped[name].add_(g.to(clipped[name].dtype))
+
+
 def dp_step(*, model, chunks: list[Batch], method, params: dict[str, nn.Parameter], optimizer,
             noise_generator, mode: str, hooks, step: int,
             alignment: bool = True, per_layer: bool = False, dist=None) -> dict:
@@ -192,6 +209,11 @@ def dp_step(*, model, chunks: list[Batch], method, params: dict[str, nn.Paramete
         losses.append(out[0]); norms.append(out[1])
         factors.append(out[2] if out[2].dim() == 1 else out[2].min(0).values)
         nonfinite += out[3]
+    # auditor-chosen per-sample gradients (`dpft audit --canary gradient`): one rank adds them, so
+    # the summed S counts each once
+    inject = getattr(method, "injected_gradients", None)
+    if inject is not None and (dist is None or dist.is_main):
+        add_injected(method, inject(step, noise_generator), clipped)
 
     if dist is not None:  # S over the whole logical batch, and its per-example statistics
         dist.sum_(clipped)
