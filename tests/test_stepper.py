@@ -36,6 +36,9 @@ def test_extra_training_rows_and_the_declared_public_n():
     assert prep.public_n() == n + 10 and prep.sample_rate == 8 / (n + 10)
     assert prep.delta == acct.default_delta(n + 10)  # δ, q and σ from the public N only
     assert prepare(spec, extra_train=rows).public_n() == n + 2  # default: the rows count as themselves
+    # candidates that add no rows (`dpft audit --canary gradient`) still count in the public N
+    none_in = prepare(spec, extra_public_n=10)
+    assert len(none_in.train_enc) == n and none_in.public_n() == n + 10 and none_in.sample_rate == 8 / (n + 10)
 
 
 def test_stepper_refuses_what_training_refuses(tiny_dp):

@@ -95,6 +95,8 @@ def prepare(spec: RunSpec, extra_train: Split | None = None, extra_public_n: int
         data.train = Split(list(data.train.texts) + list(extra_train.texts),
                            list(data.train.labels) + list(extra_train.labels))
         n += len(extra_train) if extra_public_n is None else int(extra_public_n)
+    elif extra_public_n is not None:  # candidates that add no rows (gradient canaries) still count in N
+        n += int(extra_public_n)
     bs = int(cfg.train.batch_size)
     if bs > n:
         raise DpftError(f"train.batch_size={bs} is larger than the training set ({n} examples)")
