@@ -194,10 +194,10 @@ def test_gradient_canaries_every_method(dpft, tmp_path, method):
 
 def _model_dim(path: Path) -> int:
     from dpft.config import compose_run
-    from dpft.engine import train as engine
+    from dpft.engine.prepare import prepare
 
     spec = compose_run(["debug=audit", "train.batch_size=8"])
-    return sum(p.numel() for p in engine.prepare(spec).model.parameters() if p.requires_grad)
+    return sum(p.numel() for p in prepare(spec).model.parameters() if p.requires_grad)
 
 
 def test_gradient_canaries_last_iterate(dpft, tmp_path):
