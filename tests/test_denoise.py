@@ -15,7 +15,6 @@ from omegaconf import OmegaConf
 import dpft.methods.denoise as dn
 from dpft.config import CONF_DIR
 from dpft.methods.denoise import DenoiseWarning, bbp_forward, bbp_inverse, denoise_batch, denoise_matrix, overlaps, shrink
-from dpft.methods.denoise import linalg
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -226,30 +225,32 @@ def test_fast_path_batches_mixed_outcomes():
         assert rel(out_f[i], out_r[i]) < 1e-3
 
 
-def test_batched_gpu_form_matches_reference(monkeypatch):
+def test_batched_gpu_form_matches_reference():
     """The GPU path (whole shape groups batched) run on the CPU: same answers as the reference."""
-    monkeypatch.setattr(linalg, "PER_MATRIX_CPU", False)
+    from dpft.methods.denoise.linalg import per_matrix
+
+    cpu = torch.device("cpu")
+    assert per_matrix(cpu) and not per_matrix(cpu, batched=True)  # the form `batched=True` selects
     n, m, s = 384, 1536, 0.01
     c = crit(n, m, s)
     Y = torch.stack([s * torch.randn(n, m, generator=_gen(11)),
                      spiked(n, m, [3 * c], s, seed=12)[0],
                      spiked(n, m, [2.0 * c] * 3 + [1.5 * c], s, seed=13)[0],
                      spiked(n, m, [c * 3.0 * 0.8**i for i in range(12)], s, seed=14)[0]])
-    out_f, info_f = denoise_batch(Y, s, fast=True)
+    out_f, info_f = denoise_batch(Y, s, fast=True, batched=True)
     out_r, info_r = denoise_batch(Y, s, fast=False)
     assert torch.equal(info_f.rank, info_r.rank) and info_f.changed.tolist() == [False, True, True, True]
     assert max(rel(out_f[i], out_r[i]) for i in range(1, 4)) < 1e-3
 
 
 @pytest.mark.parametrize("batched", [False, True])
-def test_rank_deficient_and_zero_matrices(monkeypatch, batched):
+def test_rank_deficient_and_zero_matrices(batched):
     """Exactly low-rank inputs make the Krylov space invariant (Lanczos breakdown)."""
-    monkeypatch.setattr(linalg, "PER_MATRIX_CPU", not batched)
     n, m, s = 300, 200, 1e-3
     g = _gen(21)
     low = (torch.randn(n, 2, generator=g) @ torch.randn(2, m, generator=g)).contiguous()
     Y = torch.stack([low, torch.zeros(n, m)])
-    out, info = denoise_batch(Y, s, fast=True)
+    out, info = denoise_batch(Y, s, fast=True, batched=batched)
     ref, info_r = denoise_batch(Y, s, fast=False)
     assert info.rank.tolist() == info_r.rank.tolist() == [2, 0]
     assert rel(out[0], ref[0]) < 1e-3 and torch.equal(out[1], Y[1])

@@ -27,13 +27,10 @@ MIN_BLOCK = 8
 GRAM_RATIO = 30.0
 
 
-# CPU: run the iterative stages matrix by matrix (see "Batching" above). The batched form is the
-# GPU path; tests switch this off to run it on a CPU.
-PER_MATRIX_CPU = True
-
-
-def per_matrix(device: torch.device) -> bool:
-    return device.type == "cpu" and PER_MATRIX_CPU
+def per_matrix(device: torch.device, batched: bool | None = None) -> bool:
+    """Run the iterative stages matrix by matrix (see "Batching" above): by default on a CPU; the
+    batched form is the GPU path, and `batched=True` runs it anywhere (the tests do, on a CPU)."""
+    return device.type == "cpu" if batched is None else not batched
 
 
 def stack(mats, idx) -> Tensor:
@@ -222,11 +219,11 @@ class _Breakdown(RuntimeError):
     which restarts from fresh random directions."""
 
 
-def threshold_test(mats, rows: list[int], iters: int, gen: torch.Generator):
+def threshold_test(mats, rows: list[int], iters: int, gen: torch.Generator, batched: bool | None = None):
     """Lanczos lower bounds on the singular values of ``mats[rows]``: Ritz values (b, q) fp64 on the
     CPU (descending), Ritz vectors (b, M, q) on the device, and a (b,) mask of finite runs."""
     dev = mats[0].device
-    if per_matrix(dev):
+    if per_matrix(dev, batched):
         ritz, vecs, ok = [], [], []
         threads = torch.get_num_threads()
         # matrix-vector products of cache-sized matrices lose to thread start-up: one thread is

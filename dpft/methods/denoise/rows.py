@@ -69,7 +69,7 @@ def _drop_nonfinite(mats, rows: Tensor, info: "DenoiseInfo") -> Tensor:
 
 
 def _fast_path(mats, idx: Tensor, *, edge: Tensor, thr: Tensor, test_iters: int, margin: float,
-               gen: torch.Generator, info: DenoiseInfo, kept: dict) -> Tensor:
+               gen: torch.Generator, info: DenoiseInfo, kept: dict, batched: bool | None = None) -> Tensor:
     """The fast exact path up to the exact decomposition: the Lanczos threshold test skips the rows
     of ``idx`` clearly below the threshold, and the block Krylov iteration settles most of the rest
     (their kept triplets go into ``kept``). Returns the rows that still need the exact decomposition:
@@ -80,7 +80,7 @@ def _fast_path(mats, idx: Tensor, *, edge: Tensor, thr: Tensor, test_iters: int,
     exact_rows, iter_rows = (idx, idx[:0]) if small else (idx[:0], idx)
     if len(iter_rows):
         try:
-            ritz64, vecs, ok = threshold_test(mats, iter_rows.tolist(), test_iters, gen)
+            ritz64, vecs, ok = threshold_test(mats, iter_rows.tolist(), test_iters, gen, batched)
         except RuntimeError:
             q = min(test_iters, M)
             ritz64, vecs = torch.zeros(len(iter_rows), q, dtype=torch.float64), None
@@ -96,7 +96,7 @@ def _fast_path(mats, idx: Tensor, *, edge: Tensor, thr: Tensor, test_iters: int,
             sub_vecs = vecs[go.to(vecs.device)]
             # CPU: one matrix at a time (a cache-resident GEMM beats CPU batched matmul, and each
             # matrix stops at its own convergence); GPU: the whole batch at once
-            parts = [[j] for j in range(len(sub))] if per_matrix(dev) else [list(range(len(sub)))]
+            parts = [[j] for j in range(len(sub))] if per_matrix(dev, batched) else [list(range(len(sub)))]
             res, need = [None] * len(sub), torch.ones(len(sub), dtype=torch.bool)
             for part in parts:
                 try:
@@ -116,7 +116,7 @@ def _fast_path(mats, idx: Tensor, *, edge: Tensor, thr: Tensor, test_iters: int,
 
 def denoise_rows(mats, noise_std, *, kappa: float, norm_correction: bool, empty_policy: str,
                  fast: bool, test_iters: int, margin: float, gen: torch.Generator | None,
-                 shrinker: str = "optimal"):
+                 shrinker: str = "optimal", batched: bool | None = None):
     """Core of the batched denoiser. ``mats``: same-shape float32 matrices N × M with N ≥ M (callers
     orient), a list of views or a (b, N, M) tensor. Returns (rows, D, info): indices of the matrices
     that change, their new values (len(rows), N, M) and a ``DenoiseInfo``."""
@@ -150,7 +150,7 @@ def denoise_rows(mats, noise_std, *, kappa: float, norm_correction: bool, empty_
             kept_svd[i] = (U[j, :, :k], S[j, :k], Vh[j, :k])
     elif len(idx):
         exact_rows = _fast_path(mats, idx, edge=edge, thr=thr, test_iters=test_iters, margin=margin, gen=gen,
-                                info=info, kept=kept)
+                                info=info, kept=kept, batched=batched)
         if len(exact_rows):
             # a non-finite input is the one case the Lanczos test cannot tell apart: check it here
             keep = _drop_nonfinite(mats, torch.zeros(b, dtype=torch.bool).index_fill_(0, exact_rows, True), info)
@@ -247,14 +247,16 @@ def _rebuild(Yr, rows, kept, kept_svd, s, N, M, shrinker: str = "optimal") -> Te
 
 def denoise_batch(grads: Tensor, noise_std, kappa: float = 1.02, norm_correction: bool = True, *,
                   empty_policy: str = "keep", fast: bool = True, test_iters: int = 20, margin: float = 0.01,
-                  generator: torch.Generator | None = None, shrinker: str = "optimal") -> tuple[Tensor, DenoiseInfo]:
+                  generator: torch.Generator | None = None, shrinker: str = "optimal",
+                  batched: bool | None = None) -> tuple[Tensor, DenoiseInfo]:
     """Denoise a batch of same-shape gradient matrices ``grads`` (b, n, m) whose entries carry
     i.i.d. Gaussian noise of known per-matrix std ``noise_std`` (a float or b floats).
 
     Returns a new tensor of the input's dtype (unchanged matrices copied) and a ``DenoiseInfo``.
     ``fast=False`` is the full-SVD reference; ``fast=True`` the Lanczos test + truncated path
-    (module docstring). Post-processing only: nothing but the noised matrices and public numbers
-    (s, κ, shapes) is used."""
+    (module docstring); `batched` picks the iterative stages' form (default: matrix by matrix on a
+    CPU, the whole batch at once on a GPU; same answers). Post-processing only: nothing but the
+    noised matrices and public numbers (s, κ, shapes) is used."""
     check_args(kappa, empty_policy, test_iters, margin, shrinker)
     if grads.dim() != 3:
         raise ValueError(f"grads must be (batch, n, m), got shape {tuple(grads.shape)}")
@@ -263,7 +265,7 @@ def denoise_batch(grads: Tensor, noise_std, kappa: float = 1.02, norm_correction
     Y = Y.mT if flip else Y
     rows, D, info = denoise_rows(Y, noise_std, kappa=kappa, norm_correction=norm_correction,
                                  empty_policy=empty_policy, fast=fast, test_iters=test_iters, margin=margin,
-                                 gen=generator, shrinker=shrinker)
+                                 gen=generator, shrinker=shrinker, batched=batched)
     out = grads.clone()
     if len(rows):
         out[rows.to(grads.device)] = (D.mT if flip else D).to(grads.dtype)
