@@ -529,13 +529,13 @@ def audit(
         if r.get("exceeds_claim", True):
             error(f"the empirical ε lower bound {r['epsilon_lower_bound']:.3f} exceeds the claimed ε = "
                   f"{r['claimed_epsilon']:.3f} (δ={r['delta']:.3g}) at {100 * r['confidence']:.0f}% confidence: "
-                 "the mechanism leaks more than it accounts for")
+                  "the mechanism leaks more than it accounts for")
         else:
             failed = [k.replace("_", " ") for k, v in r["mechanism_checks"].items()
                       if isinstance(v, dict) and v["failed"]]
             error(f"the releases contradict the ledger's mechanism ({', '.join(failed)} check failed at "
                   f"p < {r['mechanism_checks']['significance']:g}): less noise or more sensitivity than it "
-                 "accounts for")
+                  "accounts for")
         raise typer.Exit(1)
 
 
