@@ -28,6 +28,8 @@ CASES = {
     "bad override syntax": (["privacy.epsilon=[1,"], "malformed override"),
     "unknown key": (["privacy.epsilonn=3"], "bad override"),
     "bad grad sample mode": (["engine.grad_sample_mode=magic"], "grad_sample_mode"),
+    "method without ghost/bk support": (["method=anadp", "engine.grad_sample_mode=bk"],
+                                        "method anadp does not support ghost clipping"),
     "epsilon ceiling": (["privacy.noise_multiplier=0.3", "privacy.max_epsilon=8"], "privacy.max_epsilon=8"),
     "hub model offline": (["model=roberta-base"], "not available offline"),
     "hub task offline": (["task=sst2"], "task.data_dir"),

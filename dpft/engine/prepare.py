@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dpft.config import RunSpec
+from dpft.config import RunSpec, grad_sample_refusal
 from dpft.data.tasks import Split, TaskData, is_generation, load_task
 from dpft.engine import accountant as acct
 from dpft.engine import noise
@@ -87,6 +87,10 @@ def prepare(spec: RunSpec, extra_train: Split | None = None, extra_public_n: int
         torch.set_num_threads(int(cfg.runtime.num_threads))
     device = resolve_device(str(cfg.runtime.device))
     method = build_method(cfg)
+    if method.private:  # the method's own rules (e.g. no ghost/bk for per-group clipping), before any write
+        refused = grad_sample_refusal(cfg, method)
+        if refused:
+            raise DpftError(refused)
     data = load_task(cfg.task)
     n = len(data.train)
     if extra_train is not None:
