@@ -205,7 +205,7 @@ CASES: dict[str, Case] = {
     "audit: too few canaries": Case(["audit", "--canaries", "5", S], "--canaries must be >= 10"),
     "audit: canaries not a number": Case(["audit", "--canaries", "many", S], "Invalid value for '--canaries'"),
     "audit: confidence above 1": Case(["audit", "--confidence", "1.5", S], "--confidence must be in (0, 1)"),
-    "audit: unknown score": Case(["audit", "--score", "gradient", S], "--score must be one of"),
+    "audit: unknown score": Case(["audit", "--score", "gradient", S], "--score for --canary input must be one of"),
     "audit: frozen embeddings": Case(["audit", "model.peft=lora", S], "needs trainable word embeddings"),
     "audit: generation task": Case(["audit", "task=e2e", "model=tiny-gpt2", S], "needs a classification task"),
     "audit: batch larger than data": Case(["audit", "train.batch_size=100000", S], "larger than the training set"),
