@@ -153,6 +153,53 @@ def test_secure_noise_has_std_sigma_C_and_is_guarded():
     assert torch.equal(z, again)  # a function of (key, step) only
 
 
+@pytest.mark.parametrize("mode", ["secure", "entropy"])
+def test_large_cpu_draws_split_over_threads_keep_the_distribution(mode):
+    """Tensors of ≥ PARALLEL_MIN entries are drawn in fixed chunks on torch's threads, each chunk
+    from its own generator seeded from the step's secret stream: every chunk must still be
+    N(0, std²), the chunks independent of each other, and the draw a function of (key, step) only —
+    not of the thread count (data-parallel ranks draw the same noise)."""
+    from dpft.engine import noise
+
+    src = noise.NoiseSource.create(mode, 0, "x")
+    n = 2 * noise.PARALLEL_MIN
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        z = src.for_step(3).gaussian((n,), 0.5, "cpu")
+        again = noise.NoiseSource(mode, src._key).for_step(3).gaussian((n,), 0.5, "cpu")
+        torch.set_num_threads(1)
+        serial = noise.NoiseSource(mode, src._key).for_step(3).gaussian((n,), 0.5, "cpu")
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(z, again) and torch.equal(z, serial)
+    single = noise._draw(mode == "secure", (n,), 0.5, noise.NoiseSource(mode, src._key).for_step(3)._gen("cpu"), "cpu")
+    assert not torch.equal(z, single)  # the chunked path ran
+    a, b = z[: n // 2], z[n // 2:]
+    for part in (a, b):  # n/2 = 2^18 entries: std of the sample std 0.5/sqrt(2^19) ≈ 6.9e-4; 6 of them
+        assert float(part.std()) == pytest.approx(0.5, abs=4.2e-3)
+        assert float(part.mean()) == pytest.approx(0.0, abs=6 * 0.5 / math.sqrt(n / 2))
+    # independent chunks: the sample correlation of two independent halves is ~N(0, 1/(n/2))
+    corr = float(torch.corrcoef(torch.stack([a, b]))[0, 1])
+    assert abs(corr) < 6 / math.sqrt(n / 2) and not torch.equal(a, b)
+
+
+def test_seeded_draws_do_not_depend_on_the_thread_count():
+    """`seeded` keeps one stream per step, so a simulation reruns bit for bit on any machine."""
+    from dpft.engine import noise
+
+    src = noise.NoiseSource.create("seeded", 0, "x")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = src.for_step(1).gaussian((2 * noise.PARALLEL_MIN,), 0.5, "cpu")
+        torch.set_num_threads(1)
+        one = src.for_step(1).gaussian((2 * noise.PARALLEL_MIN,), 0.5, "cpu")
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
 def test_dp_step_adds_the_secure_noise_with_std_sigma_C_over_B(tiny_dp):
     """End to end through dp_step: with all examples' gradients zeroed out (lr-1 SGD, empty batch)
     the update is exactly minus the noise / B."""

@@ -36,6 +36,7 @@ process group, never to disk), so all ranks draw the same batch and add the same
 from __future__ import annotations
 
 import hashlib
+import math
 import hmac
 import secrets
 import struct
@@ -121,11 +122,49 @@ class StepNoise:
         gen = self._gen(device)
         if std == 0:
             return torch.zeros(shape, device=device)
-        if self.source.mode != "secure":
-            return torch.normal(0.0, std, size=tuple(shape), generator=gen, device=device)
-        # Opacus secure_mode's draw (opacus/optimizers/optimizer.py::_generate_noise)
-        torch.normal(0.0, std, size=(1, 1), generator=gen, device=device)
-        z = torch.normal(0.0, std, size=tuple(shape), generator=gen, device=device)
-        for _ in range(3):
-            z.add_(torch.normal(0.0, std, size=tuple(shape), generator=gen, device=device))
-        return z.div_(2.0)
+        secure = self.source.mode == "secure"
+        n = math.prod(shape)
+        if self.source.mode == "seeded" or torch.device(device).type != "cpu" or n < PARALLEL_MIN:
+            return _draw(secure, tuple(shape), std, gen, device)
+        # A CPU generator is serial: a large tensor is drawn in fixed chunks, each (in the mode's own
+        # way) from a generator seeded from this step's secret stream, on torch's threads. The chunks
+        # do not depend on the thread count, so data-parallel ranks draw the same noise. Only for
+        # the keyed modes nobody replays; `seeded` keeps its single stream, bit for bit.
+        cuts = list(range(0, n, CHUNK)) + [n]
+        seeds = torch.randint(0, 2**62, (len(cuts) - 1,), generator=gen).tolist()
+        z = torch.empty(n)
+
+        def fill(i: int) -> None:
+            g = torch.Generator()
+            g.manual_seed(int(seeds[i]))
+            z[cuts[i]:cuts[i + 1]] = _draw(secure, (cuts[i + 1] - cuts[i],), std, g, "cpu")
+
+        threads = torch.get_num_threads()
+        list(_pool(threads).map(fill, range(len(seeds))) if threads > 1 else map(fill, range(len(seeds))))
+        return z.view(tuple(shape))
+
+
+# CPU, keyed modes: tensors with at least PARALLEL_MIN entries are drawn in chunks of CHUNK
+PARALLEL_MIN = 1 << 18
+CHUNK = 1 << 18
+_POOLS: dict = {}
+
+
+def _pool(threads: int):
+    from concurrent.futures import ThreadPoolExecutor
+
+    if threads not in _POOLS:
+        _POOLS[threads] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dpft-noise")
+    return _POOLS[threads]
+
+
+def _draw(secure: bool, shape: tuple, std: float, gen: torch.Generator, device) -> torch.Tensor:
+    if not secure:
+        return torch.normal(0.0, std, size=shape, generator=gen, device=device)
+    # Opacus secure_mode's draw (opacus/optimizers/optimizer.py::_generate_noise): a discarded
+    # draw, then (z1 + z2 + z3 + z4) / 2, against floating-point attacks on the sampler
+    torch.normal(0.0, std, size=(1, 1), generator=gen, device=device)
+    z = torch.normal(0.0, std, size=shape, generator=gen, device=device)
+    for _ in range(3):
+        z.add_(torch.normal(0.0, std, size=shape, generator=gen, device=device))
+    return z.div_(2.0)
