@@ -474,9 +474,11 @@ def test_bad_method_options_are_one_line_errors(dpft, override, message):
 # ---------------------------------------------------------------------------------------------
 def test_cli_denoise_improves_alignment_on_the_tiny_model(read_run, run_dirs, dpft):
     # hidden size 32 drowns most layers in noise: a large ε and batch make some layers' signal
-    # cross the threshold, which is the regime the method is for
+    # cross the threshold, which is the regime the method is for. Seeded noise: the per-step
+    # assertions below are about one realisation (with fresh noise a step dipped below -1e-3 in one
+    # CI run of many), not about the noise source, which tests/test_privacy_noise.py covers.
     r = dpft("train", "debug=tiny", "method=denoise", "diagnostics.per_layer=true", "privacy.epsilon=50",
-             "train.batch_size=100", "train.steps=10", "train.eval_every=null")
+             "train.batch_size=100", "train.steps=10", "train.eval_every=null", "privacy.noise=seeded")
     assert r.exit_code == 0, r.stderr
     (run,) = run_dirs(dpft.output_dir)
     metrics, summary, _ = read_run(run)
