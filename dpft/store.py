@@ -302,7 +302,17 @@ def run_dir(output_dir: str | os.PathLike, run_id: str) -> Path:
     return Store(output_dir).run(run_id).path
 
 
-class RunDir:
+class _Dir:
+    """A directory of the store, named by its path; subclasses say which files it holds."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.path)!r})"
+
+
+class RunDir(_Dir):
     """One run directory and its lifecycle: ``begin`` (archive the previous attempt, write the
     config), ``write_meta`` (status running), the metrics (a sink while training; truncated on a
     resume), ``write_summary``, ``finish`` (final status). Readers: ``status``, ``meta``,
@@ -314,12 +324,6 @@ class RunDir:
     # A run on another host cannot be probed by pid; metrics.jsonl is appended every logged step, so
     # a run whose files have not changed for this long is taken to be dead (killed without cleanup).
     STALE_AFTER_S = 15 * 60
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({str(self.path)!r})"
 
     @property
     def run_id(self) -> str:
@@ -519,17 +523,11 @@ class AuditDir(RunDir):
         atomic_write_text(self.path / self.CANARIES, "".join(json.dumps(r) + "\n" for r in rows))
 
 
-class SweepDir:
+class SweepDir(_Dir):
     """A sweep's plan (one resolved job per line), the frozen copy of its sweep file, its info
     record, the local executor's per-job logs and submitit's folder."""
 
     PLAN, FROZEN, INFO, LOGS, SUBMITIT = "plan.jsonl", "sweep.yaml", "sweep.json", "logs", "submitit"
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-
-    def __repr__(self) -> str:
-        return f"SweepDir({str(self.path)!r})"
 
     @property
     def plan_path(self) -> Path:
@@ -561,19 +559,17 @@ class SweepDir:
         return read_json(self.path / self.INFO)
 
 
-class ReportDir:
+class ReportDir(_Dir):
     """Where a report's tables and plots go (default ``reports/<name>``; ``--out`` names another)."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
 
     def file(self, name: str) -> Path:
         self.path.mkdir(parents=True, exist_ok=True)
         return self.path / name
 
     def write(self, name: str, text: str) -> Path:
-        atomic_write_text(self.file(name), text)
-        return self.path / name
+        path = self.file(name)
+        atomic_write_text(path, text)
+        return path
 
 
 # --------------------------------------------------------------------------- metrics
