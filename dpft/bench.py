@@ -243,9 +243,15 @@ def _fits(base, cfg, path: str, b: int, length: int, vocab: int, device) -> bool
 
 
 def bench(cfg, paths: list[str], batch_size: int, length: int, steps: int, warmup: int, device,
-          max_batch: int | None = None) -> dict:
+          max_batch: int | None = None, interleave: bool = False) -> dict:
     """Median step time and peak memory of each path at (batch_size, length), side by side; with
-    `max_batch` (CUDA only) also the largest physical batch ≤ max_batch whose step fits."""
+    `max_batch` (CUDA only) also the largest physical batch ≤ max_batch whose step fits.
+
+    By default each path runs all its steps before the next path is built. With `interleave` every
+    path is built first and the steps go round-robin (step i of every path, the first path rotating
+    each round), so a machine whose speed drifts over minutes slows every path alike; the time and
+    CPU ratios are then the medians of the per-round ratios (each path paired with the non-private
+    step of its own round), and every path's model stays in memory at once."""
     from dpft.models import apply_peft, load_classifier
 
     if max_batch is not None and device.type != "cuda":
@@ -256,12 +262,73 @@ def bench(cfg, paths: list[str], batch_size: int, length: int, steps: int, warmu
     pbs = int(cfg.runtime.physical_batch_size)
     autocast = cfg.engine.get("autocast")  # engine.autocast=bf16: every path's forward in bf16
     chunks = fixed_batch(batch_size, length, vocab, pbs, device, autocast)
+    runs = (_interleaved if interleave else _sequential)(base, cfg, paths, chunks, batch_size, steps, warmup, device)
     results = {}
+    for path, r in runs.items():
+        median = statistics.median(r.times)
+        # process CPU time (all threads): on a machine shared with other jobs it tracks the work a path
+        # does far better than wall time, which includes time the process waited for a core
+        res = {"step_s": median, "cpu_s": statistics.median(r.cpu), "peak_mem_bytes": int(r.peak), "steps": steps}
+        for key in sorted({k for e in r.extras for k in e}):
+            val = statistics.median(e.get(key, 0.0) for e in r.extras)
+            res[key] = val
+            res[f"{key}_frac"] = val / median
+        if max_batch is not None:
+            res["max_batch"] = largest_batch(lambda b, path=path: _fits(base, cfg, path, b, length, vocab, device),
+                                             start=batch_size, limit=max_batch)
+        results[path] = res
+    ref = runs.get("nonprivate")
+    if ref:
+        for path, r in results.items():
+            mine = runs[path]
+            if interleave:  # paired by round: the drift between rounds cancels
+                r["time_ratio"] = statistics.median(a / b for a, b in zip(mine.times, ref.times))
+                r["cpu_ratio"] = (statistics.median(a / b for a, b in zip(mine.cpu, ref.cpu))
+                                  if min(ref.cpu) > 0 else None)
+            else:
+                r["time_ratio"] = r["step_s"] / results["nonprivate"]["step_s"]
+                r["cpu_ratio"] = r["cpu_s"] / results["nonprivate"]["cpu_s"] if results["nonprivate"]["cpu_s"] > 0 else None
+            r["mem_ratio"] = r["peak_mem_bytes"] / ref.peak if ref.peak > 0 else None
+    return {
+        "model": cfg.model.name, "pretrained": bool(cfg.model.pretrained), "peft": cfg.model.get("peft"),
+        "batch_size": batch_size, "length": length, "physical_batch_size": pbs, "optim": cfg.optim.name, "autocast": autocast,
+        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+        "memory": ("cuda max_memory_allocated above the pre-step baseline" if device.type == "cuda"
+                   else "CPU peak RSS above the pre-step baseline (sampled every 1 ms; approximate)"),
+        "schedule": ("interleaved: steps round-robin over the paths, ratios = median of per-round ratios"
+                     if interleave else "sequential: each path's steps in turn, ratios of medians"),
+        "max_batch_limit": max_batch,
+        "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "paths": results,
+    }
+
+
+@dataclass
+class _Timings:
+    times: list
+    cpu: list
+    extras: list
+    peak: int = 0
+
+
+def _record(r: _Timings, built: _Path, timed: tuple[float, float, int], counted: bool) -> None:
+    """A step's (wall, CPU, peak memory) into a path's timings; warm-up steps only count for memory."""
+    r.peak = max(r.peak, timed[2])
+    if counted:
+        r.times.append(timed[0])
+        r.cpu.append(timed[1])
+        if built.method is not None:
+            r.extras.append({k: v for k, v in built.method.diagnostics().items() if k.endswith("time_s")})
+
+
+def _sequential(base, cfg, paths, chunks, batch_size, steps, warmup, device) -> dict[str, _Timings]:
+    """Each path built, stepped warmup + steps times and freed before the next; memory is the peak
+    over its steps above the baseline before its first step."""
+    runs = {}
     for path in paths:
         built = _build_path(base, cfg, path, chunks, batch_size, steps + warmup, device)
         if built is None:
             continue
-        times, cpu, extras = [], [], []
+        r = runs[path] = _Timings([], [], [])
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
@@ -275,44 +342,62 @@ def bench(cfg, paths: list[str], batch_size: int, length: int, steps: int, warmu
                 t, c = time.perf_counter(), time.process_time()
                 built.step(i)
                 _sync(device)
-                if i >= warmup:
-                    times.append(time.perf_counter() - t)
-                    cpu.append(time.process_time() - c)
-                    if built.method is not None:
-                        extras.append({k: v for k, v in built.method.diagnostics().items() if k.endswith("time_s")})
+                _record(r, built, (time.perf_counter() - t, time.process_time() - c, 0), i >= warmup)
         finally:
             if rss:
                 rss.__exit__(None, None, None)
             built.cleanup()
-        peak = (torch.cuda.max_memory_allocated(device) - mem0 if device.type == "cuda" else rss.peak - rss.base)
-        median = statistics.median(times)
-        # process CPU time (all threads): on a machine shared with other jobs it tracks the work a path
-        # does far better than wall time, which includes time the process waited for a core
-        res = {"step_s": median, "cpu_s": statistics.median(cpu), "peak_mem_bytes": int(peak), "steps": steps}
-        for key in sorted({k for e in extras for k in e}):
-            val = statistics.median(e.get(key, 0.0) for e in extras)
-            res[key] = val
-            res[f"{key}_frac"] = val / median
+        r.peak = (torch.cuda.max_memory_allocated(device) - mem0 if device.type == "cuda"
+                  else rss.peak - rss.base if rss else 0)
         del built
-        if max_batch is not None:
-            res["max_batch"] = largest_batch(lambda b: _fits(base, cfg, path, b, length, vocab, device),
-                                             start=batch_size, limit=max_batch)
-        results[path] = res
-    ref = results.get("nonprivate")
-    if ref:
-        for r in results.values():
-            r["time_ratio"] = r["step_s"] / ref["step_s"]
-            r["cpu_ratio"] = r["cpu_s"] / ref["cpu_s"] if ref["cpu_s"] > 0 else None
-            r["mem_ratio"] = r["peak_mem_bytes"] / ref["peak_mem_bytes"] if ref["peak_mem_bytes"] > 0 else None
-    return {
-        "model": cfg.model.name, "pretrained": bool(cfg.model.pretrained), "peft": cfg.model.get("peft"),
-        "batch_size": batch_size, "length": length, "physical_batch_size": pbs, "optim": cfg.optim.name, "autocast": autocast,
-        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
-        "memory": "cuda max_memory_allocated above the pre-step baseline" if device.type == "cuda"
-        else "CPU peak RSS above the pre-step baseline (sampled every 1 ms; approximate)",
-        "max_batch_limit": max_batch,
-        "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "paths": results,
-    }
+    return runs
+
+
+def _interleaved(base, cfg, paths, chunks, batch_size, steps, warmup, device) -> dict[str, _Timings]:
+    """Every path built and given its warm-up steps in turn (its memory is measured there, from the
+    baseline before its first step, as in the sequential schedule: the earlier paths sit idle at
+    their steady state meanwhile), then timed step i of each path in turn, the first path rotating
+    with i. `warmup` ≥ 2 so that the memory covers a step taken with the optimizer's state."""
+    if warmup < 2:
+        raise DpftError("--interleave needs --warmup >= 2 (each path's memory is measured over its warm-up steps)")
+    built, runs = {}, {}
+    try:
+        for path in paths:
+            b = _build_path(base, cfg, path, chunks, batch_size, steps + warmup, device)
+            if b is None:
+                continue
+            built[path] = b
+            r = runs[path] = _Timings([], [], [])
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+                mem0 = torch.cuda.memory_allocated(device)
+            rss = _RssPeak() if device.type == "cpu" else None
+            if rss:
+                rss.__enter__()
+            try:
+                for i in range(warmup):
+                    b.step(i)
+                _sync(device)
+            finally:
+                if rss:
+                    rss.__exit__(None, None, None)
+            r.peak = (torch.cuda.max_memory_allocated(device) - mem0 if device.type == "cuda"
+                      else rss.peak - rss.base if rss else 0)
+        order = list(built)
+        for i in range(warmup, warmup + steps):
+            k = (i - warmup) % len(order) if order else 0
+            for path in order[k:] + order[:k]:
+                b = built[path]
+                _sync(device)
+                t, c = time.perf_counter(), time.process_time()
+                b.step(i)
+                _sync(device)
+                _record(runs[path], b, (time.perf_counter() - t, time.process_time() - c, 0), True)
+        return runs
+    finally:
+        for b in built.values():
+            b.cleanup()
 
 
 def _with_method(cfg, name: str):

@@ -443,6 +443,9 @@ def bench(
     warmup: int = typer.Option(2, help="Untimed warm-up steps per path."),
     max_batch: Optional[int] = typer.Option(None, "--max-batch", help="CUDA only: also find each path's largest "
                                             "physical batch ≤ this whose step fits in memory (doubling, then bisection)."),
+    interleave: bool = typer.Option(False, "--interleave", help="Build every path first, then run the steps "
+                                    "round-robin over the paths; ratios are medians of per-round ratios (robust to a "
+                                    "machine whose speed drifts; every path's model in memory at once)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON only."),
 ) -> None:
     """Time non-private vs DP step paths side by side on this device; print ratios."""
@@ -457,6 +460,8 @@ def bench(
     spec = compose_run(overrides or [])
     if batch < 1 or length < 1 or steps < 1 or warmup < 0 or (max_batch is not None and max_batch < 1):
         raise DpftError("--batch, --length, --steps and --max-batch must be >= 1, --warmup >= 0")
+    if interleave and warmup < 2:
+        raise DpftError("--interleave needs --warmup >= 2 (each path's memory is measured over its warm-up steps)")
     device = resolve_device(str(spec.cfg.runtime.device))
     path_list = [p.strip() for p in paths.split(",") if p.strip()]
     if not path_list:
@@ -464,14 +469,15 @@ def bench(
     for p in path_list:  # all paths checked before any is timed
         if p != "nonprivate":
             parse_path(p)
-    out = run_bench(spec.cfg, path_list, batch, length, steps, warmup, device, max_batch=max_batch)
+    out = run_bench(spec.cfg, path_list, batch, length, steps, warmup, device, max_batch=max_batch,
+                    interleave=interleave)
     if as_json:
         typer.echo(_json.dumps(out, indent=2, sort_keys=True))
         return
     from rich.table import Table
 
     table = Table(title=f"dpft bench: {out['model']} B={batch} L={length} on {out['device']}",
-                  caption=f"memory: {out['memory']}")
+                  caption=f"memory: {out['memory']}; {out['schedule']}")
     cols = ["path", "step (ms)", "× non-private", "peak mem (MiB)", "× non-private", "extras"]
     if max_batch is not None:
         cols.insert(5, f"largest batch ≤ {max_batch}")

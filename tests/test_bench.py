@@ -9,6 +9,7 @@ import pytest
 
 from dpft.bench import largest_batch
 from dpft.config import compose_run
+from dpft.errors import DpftError
 
 
 def test_bench_json_side_by_side(dpft):
@@ -26,6 +27,8 @@ def test_bench_json_side_by_side(dpft):
 def test_bench_rejects_bad_sizes(dpft):
     r = dpft("bench", "debug=tiny", "--batch", "0")
     assert r.exit_code == 2 and "--batch" in r.stderr
+    r = dpft("bench", "debug=tiny", "--interleave", "--warmup", "1")
+    assert r.exit_code == 2 and "--warmup >= 2" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_bench_times_opacus_own_paths_beside_dpft(dpft):
@@ -124,3 +127,62 @@ def test_fits_treats_cuda_oom_as_does_not_fit_and_cleans_up(monkeypatch):
 def test_max_batch_needs_cuda(dpft):
     r = dpft("bench", "debug=tiny", "--max-batch", "64", "--steps", "1", "--warmup", "0")
     assert r.exit_code == 2 and "--max-batch needs a CUDA device" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bench_interleave_cli_end_to_end(dpft):
+    r = dpft("bench", "debug=tiny", "--batch", "8", "--length", "16", "--steps", "2", "--warmup", "2", "--json",
+             "--paths", "nonprivate,dpsgd-bk", "--interleave")
+    assert r.exit_code == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["schedule"].startswith("interleaved")
+    assert out["paths"]["nonprivate"]["time_ratio"] == 1.0
+    bk = out["paths"]["dpsgd-bk"]
+    assert bk["steps"] == 2 and bk["time_ratio"] > 0 and bk["cpu_ratio"] > 0 and bk["peak_mem_bytes"] >= 0
+
+
+def test_bench_interleaved_rounds_pair_each_path_with_its_own_rounds_baseline(monkeypatch):
+    """A machine whose speed changes 5× between rounds: the per-round ratios see the true 1.3× in
+    every round. The fake clock advances only inside the fake steps, so the check is exact on any
+    machine."""
+    import time as real_time
+
+    import torch
+
+    import dpft.bench as bench_mod
+
+    class Clock:
+        now = 0.0
+
+        def perf_counter(self):
+            return self.now
+
+        process_time = perf_counter
+
+        def strftime(self, *a):
+            return real_time.strftime(*a)
+
+    clock, log = Clock(), []
+    speed = [1.0, 1.0, 2.0, 5.0, 3.0]  # the machine's slowness in each round (2 warm-ups, then 3 timed)
+
+    def fake_build(base, cfg, path, chunks, batch_size, total_steps, device):
+        cost = {"nonprivate": 1.0, "dpsgd-bk": 1.3}[path]
+
+        def step(i):
+            log.append((path, i))
+            clock.now += cost * speed[i]
+        return bench_mod._Path(model=None, step=step)
+
+    monkeypatch.setattr(bench_mod, "time", clock)
+    monkeypatch.setattr(bench_mod, "_build_path", fake_build)
+    monkeypatch.setattr(bench_mod, "_RssPeak", None)  # not used off CPU; must not be touched either
+    dev = torch.device("meta")
+    runs = bench_mod._interleaved(None, None, ["nonprivate", "dpsgd-bk"], [], 8, 3, 2, dev)
+    # each path's warm-ups right after its build (its memory), then round-robin, the first path rotating
+    assert log == [("nonprivate", 0), ("nonprivate", 1), ("dpsgd-bk", 0), ("dpsgd-bk", 1),
+                   ("nonprivate", 2), ("dpsgd-bk", 2), ("dpsgd-bk", 3), ("nonprivate", 3),
+                   ("nonprivate", 4), ("dpsgd-bk", 4)]
+    np_, bk = runs["nonprivate"], runs["dpsgd-bk"]
+    ratios = sorted(a / b for a, b in zip(bk.times, np_.times))
+    assert ratios == pytest.approx([1.3, 1.3, 1.3]) and len(bk.times) == 3  # the warm-ups are not timed
+    with pytest.raises(DpftError, match="--warmup >= 2"):
+        bench_mod._interleaved(None, None, ["nonprivate"], [], 8, 3, 1, dev)

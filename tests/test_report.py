@@ -293,3 +293,18 @@ def test_missing_report_extra_names_the_install_command(tmp_path, monkeypatch, m
     assert res.output.strip() == (f'error: dpft report needs {module}, not installed: pip install -e ".[report]" '
                                   '(in a checkout) or pip install "dpft[report]"')
     assert not (tmp_path / "outputs" / "reports").exists()
+
+
+def test_reproductions_doc_names_only_report_files_that_exist():
+    """docs/reproductions.md: every report file it names (figure links, `docs/reproductions/...` paths)
+    is in the repository, so each verdict is traceable to the report that produced it."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "docs" / "reproductions.md").read_text()
+    named = set(re.findall(r"\]\((reproductions/[^)\s]+)\)", text))
+    named |= {m[len("docs/"):] for m in re.findall(r"docs/reproductions/[\w./-]+\.(?:md|csv|png|tex)", text)}
+    assert named, "the document names no report file"
+    missing = sorted(p for p in named if not (root / "docs" / p).is_file())
+    assert not missing, missing

@@ -137,7 +137,7 @@ class StepNoise:
         def fill(i: int) -> None:
             g = torch.Generator()
             g.manual_seed(int(seeds[i]))
-            z[cuts[i]:cuts[i + 1]] = _draw(secure, (cuts[i + 1] - cuts[i],), std, g, "cpu")
+            _draw_into(secure, z[cuts[i]:cuts[i + 1]], std, g)
 
         threads = torch.get_num_threads()
         list(_pool(threads).map(fill, range(len(seeds))) if threads > 1 else map(fill, range(len(seeds))))
@@ -156,6 +156,20 @@ def _pool(threads: int):
     if threads not in _POOLS:
         _POOLS[threads] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dpft-noise")
     return _POOLS[threads]
+
+
+def _draw_into(secure: bool, out: torch.Tensor, std: float, gen: torch.Generator) -> None:
+    """`_draw` written into `out` (the same numbers: torch.normal is empty(...).normal_), without a
+    fresh tensor per draw."""
+    if not secure:
+        out.normal_(0.0, std, generator=gen)
+        return
+    torch.normal(0.0, std, size=(1, 1), generator=gen, device=out.device)
+    out.normal_(0.0, std, generator=gen)
+    scratch = torch.empty_like(out)
+    for _ in range(3):
+        out.add_(scratch.normal_(0.0, std, generator=gen))
+    out.div_(2.0)
 
 
 def _draw(secure: bool, shape: tuple, std: float, gen: torch.Generator, device) -> torch.Tensor:

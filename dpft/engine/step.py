@@ -99,7 +99,7 @@ def _clipped_sum_hooks(model, batch, method, params, clipped, n_chunks=1) -> tup
         g = torch.where(keep.view(-1, *([1] * (g.dim() - 1))), g, torch.zeros((), device=g.device))
         # fp32, like the norms: under bf16 autocast the bound ‖w_i g_i‖ ≤ C must hold for the very
         # numbers whose norms set w_i, not for a bf16 re-rounding of them
-        clipped[name].add_(torch.einsum("b,b...->...", w.float(), g))
+        _accumulate(clipped, name, torch.einsum("b,b...->...", w.float(), g))
         p.grad_sample = None
         p.grad = None
     return losses.detach(), sq_norms.sum(0).sqrt(), factors, int((~keep).sum())
@@ -146,7 +146,7 @@ def _clipped_sum_ghost(model, batch, method, params, clipped, hooks, n_chunks=1)
         alpha = (method.sensitivity() / sq2.sum(0).sqrt().double().clamp_min(1e-300)).clamp(max=1.0)
         alpha = torch.where(keep, alpha, torch.zeros((), dtype=alpha.dtype, device=alpha.device)).float()
         for name, g in hooks.clipped_sum(alpha, params).items():
-            clipped[name].add_(method.space_map(name, g.float()))
+            _accumulate(clipped, name, method.space_map(name, g.float()))
     finally:
         hooks.hold, hooks.keep = False, False
         hooks.forget()
@@ -164,7 +164,7 @@ def _clipped_sum_bk(model, batch, method, params, clipped, hooks, n_chunks=1) ->
             p.grad = None  # autograd's unclipped sum (of the layers it still formed): discarded, never released
         factors, norms, keep = _factors_bounded(method, params, losses, n_chunks)
         for name, g in hooks.clipped_sum(factors.detach(), params).items():
-            clipped[name].add_(method.space_map(name, g.float()))
+            _accumulate(clipped, name, method.space_map(name, g.float()))
     finally:
         hooks.restore_requires_grad()
         hooks.forget()
@@ -194,9 +194,7 @@ def dp_step(*, model, chunks: list[Batch], method, params: dict[str, nn.Paramete
     logical batch: the clipped sums are summed over ranks before the (once-drawn) noise.
     `noise_generator` is the step's `dpft.engine.noise.StepNoise` (training), or a plain
     torch.Generator (unit tests and benchmarks of the step itself: single draws)."""
-    # the privatised space of each parameter: its own shape, or the method's (e.g. grape's projection)
-    clipped = {n: torch.zeros(method.space_shape(n, p), dtype=torch.float32, device=p.device)
-               for n, p in params.items()}
+    clipped: dict[str, Tensor] = {}  # S per parameter, filled by the micro-batches (`_accumulate`)
     losses, norms, factors = [], [], []
     nonfinite = 0  # examples given factor 0 for a non-finite loss/gradient (non-released diagnostic)
     for batch in chunks:  # an empty Poisson draw leaves S = 0 and still takes the noisy step
@@ -209,6 +207,7 @@ def dp_step(*, model, chunks: list[Batch], method, params: dict[str, nn.Paramete
         losses.append(out[0]); norms.append(out[1])
         factors.append(out[2] if out[2].dim() == 1 else out[2].min(0).values)
         nonfinite += out[3]
+    clipped = _in_order(clipped, params, method)
     # auditor-chosen per-sample gradients (`dpft audit --canary gradient`): one rank adds them, so
     # the summed S counts each once
     inject = getattr(method, "injected_gradients", None)
@@ -225,7 +224,7 @@ def dp_step(*, model, chunks: list[Batch], method, params: dict[str, nn.Paramete
     noised = {}
     for name, s in clipped.items():
         z = _gaussian(noise_generator, s.shape, float(std[name]), s.device)
-        noised[name] = (s + z) / b
+        noised[name] = z.add_(s).div_(b)  # (s + z) / b, rounded the same, without two temporaries
     processed = method.postprocess(noised, {n: float(std[n]) / b for n in noised}, step)
 
     stats = {"batch_size": sum(len(c) for c in chunks) if dist is None else int(losses[0].numel())}
@@ -241,6 +240,34 @@ def dp_step(*, model, chunks: list[Batch], method, params: dict[str, nn.Paramete
 
     method.apply_update(params, processed, optimizer, step)
     return stats
+
+
+def _in_order(clipped: dict[str, Tensor], params: dict[str, nn.Parameter], method) -> dict[str, Tensor]:
+    """S in the parameters' order — the noise is drawn in this order, so it must not depend on the
+    order the micro-batches filled S in — with S = 0 for a parameter no micro-batch reached (an
+    empty Poisson draw: still noised)."""
+    out = {}
+    for n, p in params.items():
+        # the privatised space of each parameter: its own shape, or the method's (e.g. grape's projection)
+        shape = tuple(method.space_shape(n, p))
+        s = clipped.get(n)
+        if s is None:
+            s = torch.zeros(shape, dtype=torch.float32, device=p.device)
+        elif tuple(s.shape) != shape:
+            raise DpftError(f"clipped sum of {n} has shape {tuple(s.shape)}, its privatised space {shape}")
+        out[n] = s
+    return out
+
+
+def _accumulate(clipped: dict[str, Tensor], name: str, g: Tensor) -> None:
+    """S[name] += g; the first micro-batch's fp32 g (a fresh tensor the caller gives up) becomes
+    S[name] itself: 0 + g = g, so this saves a parameter-sized fill and add per step."""
+    if name in clipped:
+        clipped[name].add_(g)
+    elif g.dtype == torch.float32 and g.is_contiguous():
+        clipped[name] = g
+    else:
+        clipped[name] = g.float().contiguous().clone()
 
 
 def _gaussian(noise, shape, std: float, device) -> Tensor:
