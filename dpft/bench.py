@@ -24,7 +24,7 @@ import statistics
 import threading
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -302,22 +302,51 @@ def bench(cfg, paths: list[str], batch_size: int, length: int, steps: int, warmu
     }
 
 
+class _PeakMemory:
+    """Peak memory of the block above the baseline at its start (`.bytes` after it): CUDA
+    `max_memory_allocated`, CPU peak RSS (`_RssPeak`), 0 on other devices."""
+
+    def __init__(self, device):
+        self.device, self.bytes, self._rss = device, 0, None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        elif self.device.type == "cpu":
+            self._rss = _RssPeak().__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        _sync(self.device)
+        if self.device.type == "cuda":
+            self.bytes = torch.cuda.max_memory_allocated(self.device) - self._base
+        elif self._rss is not None:
+            self._rss.__exit__(*exc)
+            self.bytes = self._rss.peak - self._rss.base
+
+
 @dataclass
 class _Timings:
-    times: list
-    cpu: list
-    extras: list
+    """One path's timed steps (wall, process CPU, the method's own timings) and peak memory."""
+
+    times: list = field(default_factory=list)
+    cpu: list = field(default_factory=list)
+    extras: list = field(default_factory=list)
     peak: int = 0
 
-
-def _record(r: _Timings, built: _Path, timed: tuple[float, float, int], counted: bool) -> None:
-    """A step's (wall, CPU, peak memory) into a path's timings; warm-up steps only count for memory."""
-    r.peak = max(r.peak, timed[2])
-    if counted:
-        r.times.append(timed[0])
-        r.cpu.append(timed[1])
-        if built.method is not None:
-            r.extras.append({k: v for k, v in built.method.diagnostics().items() if k.endswith("time_s")})
+    def step(self, built: _Path, i: int, device, counted: bool = True) -> None:
+        """Run step i of `built`; record it unless it is a warm-up."""
+        _sync(device)
+        t, c = time.perf_counter(), time.process_time()
+        built.step(i)
+        _sync(device)
+        if counted:
+            self.times.append(time.perf_counter() - t)
+            self.cpu.append(time.process_time() - c)
+            if built.method is not None:
+                self.extras.append({k: v for k, v in built.method.diagnostics().items() if k.endswith("time_s")})
 
 
 def _sequential(base, cfg, paths, chunks, batch_size, steps, warmup, device) -> dict[str, _Timings]:
@@ -328,27 +357,14 @@ def _sequential(base, cfg, paths, chunks, batch_size, steps, warmup, device) -> 
         built = _build_path(base, cfg, path, chunks, batch_size, steps + warmup, device)
         if built is None:
             continue
-        r = runs[path] = _Timings([], [], [])
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-            mem0 = torch.cuda.memory_allocated(device)
-        rss = _RssPeak() if device.type == "cpu" else None
-        if rss:
-            rss.__enter__()
+        r = runs[path] = _Timings()
         try:
-            for i in range(warmup + steps):
-                _sync(device)
-                t, c = time.perf_counter(), time.process_time()
-                built.step(i)
-                _sync(device)
-                _record(r, built, (time.perf_counter() - t, time.process_time() - c, 0), i >= warmup)
+            with _PeakMemory(device) as mem:
+                for i in range(warmup + steps):
+                    r.step(built, i, device, counted=i >= warmup)
+            r.peak = mem.bytes
         finally:
-            if rss:
-                rss.__exit__(None, None, None)
             built.cleanup()
-        r.peak = (torch.cuda.max_memory_allocated(device) - mem0 if device.type == "cuda"
-                  else rss.peak - rss.base if rss else 0)
         del built
     return runs
 
@@ -367,33 +383,16 @@ def _interleaved(base, cfg, paths, chunks, batch_size, steps, warmup, device) ->
             if b is None:
                 continue
             built[path] = b
-            r = runs[path] = _Timings([], [], [])
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(device)
-                mem0 = torch.cuda.memory_allocated(device)
-            rss = _RssPeak() if device.type == "cpu" else None
-            if rss:
-                rss.__enter__()
-            try:
+            r = runs[path] = _Timings()
+            with _PeakMemory(device) as mem:
                 for i in range(warmup):
-                    b.step(i)
-                _sync(device)
-            finally:
-                if rss:
-                    rss.__exit__(None, None, None)
-            r.peak = (torch.cuda.max_memory_allocated(device) - mem0 if device.type == "cuda"
-                      else rss.peak - rss.base if rss else 0)
+                    r.step(b, i, device, counted=False)
+            r.peak = mem.bytes
         order = list(built)
         for i in range(warmup, warmup + steps):
             k = (i - warmup) % len(order) if order else 0
             for path in order[k:] + order[:k]:
-                b = built[path]
-                _sync(device)
-                t, c = time.perf_counter(), time.process_time()
-                b.step(i)
-                _sync(device)
-                _record(runs[path], b, (time.perf_counter() - t, time.process_time() - c, 0), True)
+                runs[path].step(built[path], i, device)
         return runs
     finally:
         for b in built.values():

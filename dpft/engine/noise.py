@@ -159,11 +159,13 @@ def _pool(threads: int):
 
 
 def _draw_into(secure: bool, out: torch.Tensor, std: float, gen: torch.Generator) -> None:
-    """`_draw` written into `out` (the same numbers: torch.normal is empty(...).normal_), without a
-    fresh tensor per draw."""
+    """Fill `out` with N(0, std²) draws from `gen` (torch.normal is empty(...).normal_, so this is the
+    same stream as drawing a fresh tensor)."""
     if not secure:
         out.normal_(0.0, std, generator=gen)
         return
+    # Opacus secure_mode's draw (opacus/optimizers/optimizer.py::_generate_noise): a discarded
+    # draw, then (z1 + z2 + z3 + z4) / 2, against floating-point attacks on the sampler
     torch.normal(0.0, std, size=(1, 1), generator=gen, device=out.device)
     out.normal_(0.0, std, generator=gen)
     scratch = torch.empty_like(out)
@@ -173,12 +175,6 @@ def _draw_into(secure: bool, out: torch.Tensor, std: float, gen: torch.Generator
 
 
 def _draw(secure: bool, shape: tuple, std: float, gen: torch.Generator, device) -> torch.Tensor:
-    if not secure:
-        return torch.normal(0.0, std, size=shape, generator=gen, device=device)
-    # Opacus secure_mode's draw (opacus/optimizers/optimizer.py::_generate_noise): a discarded
-    # draw, then (z1 + z2 + z3 + z4) / 2, against floating-point attacks on the sampler
-    torch.normal(0.0, std, size=(1, 1), generator=gen, device=device)
-    z = torch.normal(0.0, std, size=shape, generator=gen, device=device)
-    for _ in range(3):
-        z.add_(torch.normal(0.0, std, size=shape, generator=gen, device=device))
-    return z.div_(2.0)
+    z = torch.empty(shape, device=device)
+    _draw_into(secure, z, std, gen)
+    return z

@@ -267,7 +267,7 @@ def _accumulate(clipped: dict[str, Tensor], name: str, g: Tensor) -> None:
     elif g.dtype == torch.float32 and g.is_contiguous():
         clipped[name] = g
     else:
-        clipped[name] = g.float().contiguous().clone()
+        clipped[name] = g.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
 
 
 def _gaussian(noise, shape, std: float, device) -> Tensor:
