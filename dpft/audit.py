@@ -450,8 +450,8 @@ class GradientCanaries:
                 self.zero_noise.append(n)
         if self.guess is not None:  # noise an auditor rebuilds from the public seed: subtract it
             sn = self.guess.for_step(step)
-            zhat = torch.cat([sn.gaussian(shape, float(stds[n]), V.device).reshape(-1).float()
-                              for n, shape in zip(self.names, self.shapes)]) / self.b
+            zhat = torch.cat([z.reshape(-1).float() for z in sn.gaussians(
+                [(shape, float(stds[n])) for n, shape in zip(self.names, self.shapes)], V.device)]) / self.b
             resid = V - zhat
             if float(resid.double().pow(2).sum()) < 0.25 * float(V.double().pow(2).sum()):
                 V = resid

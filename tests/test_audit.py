@@ -121,7 +121,8 @@ def test_broken_mechanism_is_caught(dpft, tmp_path, monkeypatch):
     still accounted as σ: a large empirical ε, exit 1, one error line."""
     from dpft.engine import noise
 
-    monkeypatch.setattr(noise.StepNoise, "gaussian", lambda self, shape, std, device: torch.zeros(shape, device=device))
+    monkeypatch.setattr(noise.StepNoise, "gaussians",
+                        lambda self, specs, device: [torch.zeros(tuple(shape), device=device) for shape, _ in specs])
     out = tmp_path / "store"
     r = dpft("audit", f"paths.output_dir={out}")
     assert r.exit_code == 1, (r.stdout, r.stderr, r.exception)
@@ -216,7 +217,8 @@ def test_gradient_canaries_last_iterate(dpft, tmp_path):
     assert res["epsilon_lower_bound"] < res["claimed_epsilon"]
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(noise.StepNoise, "gaussian", lambda self, shape, std, device: torch.zeros(shape, device=device))
+        mp.setattr(noise.StepNoise, "gaussians",
+                   lambda self, specs, device: [torch.zeros(tuple(shape), device=device) for shape, _ in specs])
         out2 = tmp_path / "broken"
         r = dpft(*args, f"paths.output_dir={out2}")
     assert r.exit_code == 1, (r.stdout, r.stderr, r.exception)

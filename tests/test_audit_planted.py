@@ -1,7 +1,7 @@
 """`dpft audit --canary gradient` catches deliberately broken engines, and passes correct ones.
 
 Each bug is planted from here, by monkeypatching a public seam of the engine (the noise drawer
-`dpft.engine.noise.StepNoise.gaussian`, the clip rule `Method.clip_factors`, the key derivation
+`dpft.engine.noise.StepNoise.gaussians`, the clip rule `Method.clip_factors`, the key derivation
 `NoiseSource.create`); production code has no switch for it. The ledger keeps claiming the
 original (ε, δ), so the audit must exit 1.
 
@@ -52,9 +52,9 @@ def _caught(r, res) -> None:
 def test_sigma_halved_is_caught(dpft, tmp_path, monkeypatch):
     """The noise drawer draws σC/2 while the method and the ledger say σC: the release carries a
     quarter of the claimed noise power, which the noise-floor check sees in every tensor."""
-    draw = noise.StepNoise.gaussian
-    monkeypatch.setattr(noise.StepNoise, "gaussian",
-                        lambda self, shape, std, device: draw(self, shape, std / 2, device))
+    draw = noise.StepNoise.gaussians
+    monkeypatch.setattr(noise.StepNoise, "gaussians",
+                        lambda self, specs, device: draw(self, [(shape, std / 2) for shape, std in specs], device))
     r, res = _audit(dpft, tmp_path / "store")
     _caught(r, res)
     nf = res["mechanism_checks"]["noise_floor"]
@@ -78,14 +78,12 @@ def test_reported_noise_halved_is_caught(dpft, tmp_path, monkeypatch):
 def test_unnoised_tensor_is_caught(dpft, tmp_path, monkeypatch):
     """One trainable tensor (the 6th privatised, layer 0's query weight, 1024 entries) is released
     without noise. Its release is the clipped sum alone, far below the claimed noise power."""
-    draw = noise.StepNoise.gaussian
-    calls: dict[int, int] = {}
+    draw = noise.StepNoise.gaussians
 
-    def gaussian(self, shape, std, device):
-        k = calls[id(self)] = calls.get(id(self), -1) + 1
-        return draw(self, shape, 0.0 if k == 5 else std, device)
+    def gaussians(self, specs, device):
+        return draw(self, [(shape, 0.0 if k == 5 else std) for k, (shape, std) in enumerate(specs)], device)
 
-    monkeypatch.setattr(noise.StepNoise, "gaussian", gaussian)
+    monkeypatch.setattr(noise.StepNoise, "gaussians", gaussians)
     r, res = _audit(dpft, tmp_path / "store")
     _caught(r, res)
     nf = res["mechanism_checks"]["noise_floor"]

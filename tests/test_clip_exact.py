@@ -103,6 +103,88 @@ def test_released_contribution_of_a_cancelling_example_is_at_most_C(mode, thread
     assert norm > 0  # shrunk by its rounding bound, not dropped
 
 
+def _tokens(kind: str, b: int, t: int, d: int, seed: int) -> torch.Tensor:
+    """[b, t, d] fp32 token vectors: independent (nearly orthogonal), aligned (one direction, varied
+    scale), cancelling (±x alternating, the worst case for the Gram form) or spiky (one token 1e4× the rest)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, t, d, generator=g)
+    if kind == "aligned":
+        x = torch.randn(b, 1, d, generator=g) * (1 + torch.rand(b, t, 1, generator=g))
+    elif kind == "cancelling":
+        x = torch.randn(b, 1, d, generator=g) * torch.tensor([(-1.0) ** k for k in range(t)]).view(1, t, 1)
+        x = x + 1e-6 * torch.randn(b, t, d, generator=g)
+    elif kind == "spiky":
+        x[:, 0] *= 1e4
+    return x
+
+
+def _exact_layer_norms(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example ‖B_iᵀA_i‖ and ‖Σ_t b_t‖ in float64 (error ~1e-16·S: far below every bound tested)."""
+    A, B = A.double(), B.double()
+    return torch.einsum("btj,btk->bjk", B, A).flatten(1).norm(dim=1), B.sum(1).norm(dim=1)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("kind_a,kind_b", [("independent", "independent"), ("aligned", "aligned"),
+                                           ("aligned", "cancelling"), ("cancelling", "independent"),
+                                           ("spiky", "aligned"), ("independent", "spiky")])
+def test_linear_norm_bounds_hold_for_the_computed_grams(kind_a, kind_b, threads):
+    """The per-example bound of `_gram_norm` (from the computed fp32 Grams, issue 23) and the bias's token-sum
+    bound contain the exact norm of the stored A, B — checked against float64 — on aligned, cancelling,
+    spiky and independent tokens, with the float64 fallback forbidden so the fp32 bound itself is tested
+    wherever it is claimed tight enough."""
+    from dpft.engine import bookkeeping as bk
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        b, t, d_in, d_out = 6, 16, 48, 192
+        A, B = _tokens(kind_a, b, t, d_in, 1), _tokens(kind_b, b, t, d_out, 2)
+        ref_w, ref_b = _exact_layer_norms(A, B)
+        cache = bk.GramCache()
+        an, bn = cache.token_norms(A), cache.token_norms(B)
+        u = bk.unit_roundoff()
+        fallback = []
+
+        def exact64(i):
+            fallback.append(len(i))
+            return bk._gram64(B[i]) * bk._gram64(A[i])
+
+        n, delta = bk._gram_norm(cache.gram(A), cache.gram(B), lambda: cache.abs_gram(A), lambda: cache.abs_gram(B),
+                                 an, bn, bk.gamma(d_in + 1, u), bk.gamma(d_out + 1, u), d_in + d_out, exact64)
+        assert torch.all((ref_w - n).abs() <= delta), (ref_w, n, delta)
+        S = (an * bn).sum(1)
+        old = (n * n + (bk.gamma(d_in + d_out + 1, u) + bk.gamma(t * t + 2, bk.U64)) * S * S).sqrt() - n
+        if not fallback:  # never looser than the Cauchy–Schwarz bound it replaces (up to γ_{d_in+1} + γ_{d_out+1}
+            assert torch.all(delta <= old * 1.01)  # against γ_{d_in+d_out+1}: 1/(d+1) relative, tight when aligned)
+        norms = bk.linear_norms(A, B, True, True, bk.GramCache())
+        assert torch.all((ref_w - norms["weight"][0]).abs() <= norms["weight"][1])
+        assert torch.all((ref_b - norms["bias"][0]).abs() <= norms["bias"][1])
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_independent_tokens_need_no_float64_fallback():
+    """At MiniLM's FFN shapes (T = 64, d 384 → 1536) the Cauchy–Schwarz bound (γ·S², S/n ≈ √T for
+    unaligned tokens) sent every example to the float64 recomputation — most of the DP step's extra copies
+    in the issue-23 profile; the per-example bound keeps them on fp32 Grams at < 1e-3·n."""
+    from dpft.engine import bookkeeping as bk
+
+    A, B = _tokens("independent", 8, 64, 384, 3), _tokens("independent", 8, 64, 1536, 4)
+    cache = bk.GramCache()
+    u = bk.unit_roundoff()
+
+    def exact64(i):
+        raise AssertionError(f"{len(i)} examples sent to float64")
+
+    n, delta = bk._gram_norm(cache.gram(A), cache.gram(B), lambda: cache.abs_gram(A), lambda: cache.abs_gram(B),
+                             cache.token_norms(A), cache.token_norms(B),
+                             bk.gamma(385, u), bk.gamma(1537, u), 384 + 1536, exact64)
+    assert torch.all(delta < 1e-3 * n)
+    S = (cache.token_norms(A) * cache.token_norms(B)).sum(1)
+    assert torch.all(S / n > 5)  # the regime the old bound could not handle: (γ_384 + γ_1536)·64/2 > 1e-3
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("mode", ["ghost", "bk"])
 def test_each_released_contribution_at_most_C_on_the_tiny_model(tiny_batch, tiny_dp, mode, threads):

@@ -184,6 +184,34 @@ def test_large_cpu_draws_split_over_threads_keep_the_distribution(mode):
     assert abs(corr) < 6 / math.sqrt(n / 2) and not torch.equal(a, b)
 
 
+@pytest.mark.parametrize("mode", ["secure", "entropy", "seeded"])
+def test_a_steps_tensors_drawn_together_keep_their_stds_and_the_seeded_stream(mode):
+    """`StepNoise.gaussians` (what dp_step and the audit's rebuild draw): `seeded` is the per-tensor
+    stream bit for bit; the keyed modes draw the tensors of one std as one flat chunked vector — each
+    tensor still N(0, std²) at its own std, the tensors independent, a function of (key, step) only."""
+    from dpft.engine import noise
+
+    src = noise.NoiseSource.create(mode, 0, "x")
+    specs = [((300, 400), 0.5), ((7,), 2.0), ((512, 300), 0.5), ((90_000,), 2.0), ((3,), 0.0)]
+    zs = src.for_step(2).gaussians(specs, "cpu")
+    assert [tuple(z.shape) for z in zs] == [s for s, _ in specs]
+    again = noise.NoiseSource(mode, src._key).for_step(2).gaussians(specs, "cpu")
+    assert all(torch.equal(a, b) for a, b in zip(zs, again))
+    if mode == "seeded":
+        step = src.for_step(2)
+        assert all(torch.equal(z, step.gaussian(shape, std, "cpu")) for z, (shape, std) in zip(zs, specs))
+    else:  # one flat vector per std: the 0.5 tensors are 273,600 ≥ PARALLEL_MIN entries, drawn in chunks
+        assert sum(z.numel() for z, (_, sd) in zip(zs, specs) if sd == 0.5) >= noise.PARALLEL_MIN
+    for z, (shape, std) in zip(zs, specs):
+        if std == 0:
+            assert not z.any()
+        elif z.numel() > 1000:  # n ≥ 9e4: std of the sample std ≤ std/sqrt(2n); 6 of them
+            assert float(z.std()) == pytest.approx(std, abs=6 * std / math.sqrt(2 * z.numel()))
+            assert float(z.mean()) == pytest.approx(0.0, abs=6 * std / math.sqrt(z.numel()))
+    a, b = zs[0].reshape(-1), zs[2].reshape(-1)[: zs[0].numel()]
+    assert abs(float(torch.corrcoef(torch.stack([a, b]))[0, 1])) < 6 / math.sqrt(a.numel())
+
+
 def test_seeded_draws_do_not_depend_on_the_thread_count():
     """`seeded` keeps one stream per step, so a simulation reruns bit for bit on any machine."""
     from dpft.engine import noise

@@ -29,14 +29,18 @@ backward even with exact norms. The bound used here, per example i and parameter
   ‖e_i‖_F ≤ γ_{n+1} ‖Σ_t |b_t||a_t|ᵀ‖_F ≤ γ_{n+1} S_i,  S_i = Σ_t ‖b_t‖‖a_t‖  (bias: Σ_t ‖b_t‖; Embedding
   rows: Σ_t ‖b_t‖; a materialised per-sample gradient G_i summed with an einsum over b: γ_{b+1}‖Ĝ_i‖).
   The norm n_i = ‖g_i‖ is computed from the same stored values by the Gram form Σ_ts (b_t·b_s)(a_t·a_s):
-  the Gram matrices in fp32 (each entry within γ_d·‖x_t‖‖x_s‖), their T² products and sum in float64, so
-  n̂² is within κ·S², κ = γ_{d_in+d_out+1} + γ⁶⁴_{T²+2}(1 + γ), and n ≤ √(n̂² + κS²) (`_gram_error`); an
-  example for which that is loose (> 1e-3·n̂: cancelling tokens) is recomputed with float64 Grams.
+  the Gram matrices in fp32 (each entry within γ_d·‖x_t‖‖x_s‖, Higham eq. 3.5 and Cauchy–Schwarz), their
+  T² products (exact in float64) and sum in float64. The error of n̂² is bounded per example from the
+  computed Grams themselves: ≤ γ_{d_in+1}·āᵀ|Ĥ|ā + γ_{d_out+1}·b̄ᵀ|Ĝ|b̄ + (γγ + γ⁶⁴_{T²+2}(1+γ)²)·S² (`_gram_norm`;
+  ā, b̄ per-token norm bounds), at most the Cauchy–Schwarz κ·S² (to first order in u) and ≈ κ·n² when the
+  tokens are not aligned; n ≤ √(n̂² + that). An example for which it is still loose (> 1e-3·n̂: cancelling tokens) is
+  recomputed with float64 Grams. A bias's norm is ‖Σ_t b_t‖ of the fp32 token sum (error ≤ γ_T·Σ_t‖b_t‖).
 
 So ‖w_i (g_i + e_i)‖ ≤ w_i·√Σ_p (n_ip + δ_ip + E_ip)², δ the norm's error bound, E the contraction's. The
 engine (step.py, `bounded_sq_norms`) hands the method these *inflated* per-parameter norms, inflated once
 more by (1 + γ_{P+m+8}) for the fp32 arithmetic of the factor (P parameters' sum, sqrt, division, cast) and
-the accumulation over m micro-batches (each a relative (1+θ) per entry). Every method's factor satisfies
+the accumulation over m micro-batches (each a relative (1+θ) per entry); its slack (≥ 2⁻²⁴) also covers the few
+float64 roundings (2⁻⁵³ each) in forming n̂ + δ. Every method's factor satisfies
 w(x)·x ≤ sensitivity for every x (its own invariant, dpft/methods/base.py), so at the inflated norm the
 released contribution is ≤ sensitivity: exactly, on every machine, thread count and BLAS (only
 conventional O(n³) products are assumed — no Strassen — with u taken from torch's fp32 matmul precision:
@@ -106,20 +110,29 @@ def _mask_rows(x: Tensor, keep: Tensor) -> Tensor:
 
 
 class GramCache:
-    """Gram matrices X·Xᵀ [b, T, T] (fp32 products, returned in float64) of tensors seen in this backward,
-    by storage: Q, K and V read the same activations; word/position/type embeddings get the same output
-    gradient. Each entry holds its tensor, so no other tensor can take its address while cached; `clear`
-    after each micro-batch."""
+    """Gram matrices X·Xᵀ [b, T, T] (fp32 products, returned in float64) and per-token norm bounds [b, T] of
+    tensors seen in this backward, by storage: Q, K and V read the same activations; word/position/type
+    embeddings get the same output gradient. Each entry holds its tensor, so no other tensor can take its
+    address while cached; `clear` after each micro-batch."""
 
     def __init__(self):
         self._d: dict[tuple, tuple[Tensor, Tensor]] = {}
 
-    def gram(self, x: Tensor) -> Tensor:
-        key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype)
+    def _get(self, kind: str, x: Tensor, make) -> Tensor:
+        key = (kind, x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype)
         hit = self._d.get(key)
         if hit is None:
-            hit = self._d[key] = (x, torch.bmm(x, x.transpose(1, 2)).double())
+            hit = self._d[key] = (x, make(x))
         return hit[1]
+
+    def gram(self, x: Tensor) -> Tensor:
+        return self._get("gram", x, lambda x: torch.bmm(x, x.transpose(1, 2)).double())
+
+    def abs_gram(self, x: Tensor) -> Tensor:
+        return self._get("abs", x, lambda x: self.gram(x).abs())
+
+    def token_norms(self, x: Tensor) -> Tensor:
+        return self._get("norms", x, _token_norms)
 
     def clear(self) -> None:
         self._d.clear()
@@ -130,12 +143,9 @@ def _token_norms(x: Tensor) -> Tensor:
     return x.norm(dim=-1).double() * (1.0 + gamma(x.shape[-1] + 3, 2.0 ** -24))
 
 
-def _gram_error(d: int, t: int, device) -> float:
-    """Bound on |n̂² − n²| / S² for n² = Σ_ts G_ts·H_ts with G, H fp32 Gram matrices of inner dimension
-    d_G + d_H = d (each entry within γ_{d_G}·‖x_t‖‖x_s‖ of exact, Cauchy–Schwarz) and the T² products
-    summed in float64 (γ⁶⁴_{T²+2}, on terms ≤ (1 + γ_d)·‖b_t‖‖b_s‖‖a_t‖‖a_s‖)."""
-    g32 = gamma(d + 1, unit_roundoff(device))
-    return g32 + gamma(t * t + 2, U64) * (1.0 + g32)
+def _quad(M: Tensor, v: Tensor) -> Tensor:
+    """vᵀ M v per example: M [b, T, T], v [b, T] (float64)."""
+    return (torch.bmm(M, v.unsqueeze(-1)).squeeze(-1) * v).sum(-1)
 
 
 def _gram64(x: Tensor) -> Tensor:
@@ -143,65 +153,92 @@ def _gram64(x: Tensor) -> Tensor:
     return torch.bmm(x, x.transpose(1, 2))
 
 
-def _gram_norm(gram32: Tensor, exact64, S: Tensor, d: int, t: int) -> tuple[Tensor, Tensor]:
-    """(n̂, δ) from the product of fp32 Gram matrices `gram32` [b, T, T]; the examples whose bound is loose
-    (δ > 1e-3·n̂: per-token terms that nearly cancel, S ≫ n) are recomputed with float64 Grams
-    (`exact64(index)` -> their [k, T, T] product, error γ⁶⁴_{d+T²+2}·S²), so only those pay for float64."""
-    ga = gram32.sum((1, 2)).clamp_min(0)
+def _gram_norm(G: Tensor, H: Tensor, absG, absH, an: Tensor, bn: Tensor, g_a: float, g_b: float, d: int,
+               exact64) -> tuple[Tensor, Tensor]:
+    """(n̂, δ ≥ |n − n̂|) for n² = Σ_ts G_ts·H_ts, from computed Gram matrices Ĝ = `G`, Ĥ = `H` [b, T, T] (fp32
+    values held in float64; `absG()`, `absH()` give their absolute values) whose entries are within g_a·ā_tā_s
+    and g_b·b̄_tb̄_s of the exact ones (`an` = ā, `bn` = b̄ [b, T]: per-token norm bounds; g = 0 for an exact
+    matrix such as an Embedding's id mask).
+
+    Error (module docstring): ĜĤ − GH = (Ĝ − G)∘Ĥ + G∘(Ĥ − H) and |G| ≤ |Ĝ| + g_a·āāᵀ, so
+      |Σ_ts Ĝ_tsĤ_ts − n²| ≤ g_a·āᵀ|Ĥ|ā + g_b·b̄ᵀ|Ĝ|b̄ + g_a·g_b·S²,   S = Σ_t ā_t b̄_t;
+    the products Ĝ_tsĤ_ts of two fp32 numbers are exact in float64 and their sum is within
+    γ⁶⁴_{T²+2}·Σ|Ĝ_tsĤ_ts| ≤ γ⁶⁴_{T²+2}·(1 + g_a)(1 + g_b)·S²; the error terms themselves are float64 sums of
+    non-negative terms, taken with a relative (1 + 2γ⁶⁴_{T²+8}). To first order this is never larger than
+    the Cauchy–Schwarz form (g_a + g_b)·S² that |Ĥ_ts| ≤ b̄_tb̄_s gives, and for examples whose tokens are
+    not aligned (|Ĥ_ts| ≪ b̄_tb̄_s off the diagonal) it is ≈ (g_a + g_b)·n² instead: such examples no
+    longer pay for float64. An example whose bound is still loose (δ > 1e-3·n̂: per-token terms that nearly
+    cancel) is recomputed with float64 Grams (`exact64(index)` -> their [k, T, T] product, error
+    γ⁶⁴_{d+T²+2}·S²)."""
+    P = G * H
+    t2 = P.shape[1] * P.shape[2]
+    S = (an * bn).sum(1)
+    err = (gamma(t2 + 2, U64) * (1.0 + g_a) * (1.0 + g_b) + g_a * g_b) * S * S
+    if g_a:
+        err = err + g_a * _quad(absH(), an)
+    if g_b:
+        err = err + g_b * _quad(absG(), bn)
+    err = err * (1.0 + 2.0 * gamma(t2 + 8, U64))
+    ga = P.sum((1, 2)).clamp_min(0)
     n = ga.sqrt()
-    delta = (ga + _gram_error(d, t, gram32.device) * S * S).sqrt() - n
+    delta = (ga + err).sqrt() - n
     loose = (delta > 1e-3 * n).nonzero().squeeze(1)
     if len(loose):
         g = exact64(loose).sum((1, 2)).clamp_min(0)
         n[loose] = g.sqrt()
-        delta[loose] = (g + gamma(d + t * t + 2, U64) * S[loose] ** 2).sqrt() - n[loose]
+        delta[loose] = (g + gamma(d + t2 + 2, U64) * S[loose] ** 2).sqrt() - n[loose]
     return n, delta
 
 
 def linear_norms(A: Tensor, B: Tensor, weight: bool, bias: bool, cache: GramCache) -> dict[str, tuple[Tensor, Tensor]]:
     """{"weight"/"bias": (n̂ [b] float64, bound [b] float64)} for a Linear layer: n̂ the per-sample gradient
-    norm of the stored fp32 A [b, (T,) d_in] and B [b, (T,) d_out] by the Gram form
-    ‖Σ_t b_t a_tᵀ‖² = Σ_ts (b_t·b_s)(a_t·a_s) (fp32 Gram matrices — the costly products — then the T²
-    products and their sum in float64, where the catastrophic cancellation happens), bound ≥ |n − n̂| + ‖e_i‖
-    (module docstring), e_i the fp32 contraction's error over this layer's b·T rows. With
-    S_i = Σ_t‖b_t‖‖a_t‖ the norm's error is √(n̂² + κ·S²) − n̂ ≈ κ(S/n)²·n/2, κ ≈ (d_in + d_out)·u: a few
-    1e-4 of n for ordinary examples (S/n ≈ 3, benchmarks/ghost_norm_error.py)."""
+    norm of the stored fp32 A [b, (T,) d_in] and B [b, (T,) d_out], bound ≥ |n − n̂| + ‖e_i‖ (module
+    docstring), e_i the fp32 contraction's error over this layer's b·T rows.
+
+    Weight: the Gram form ‖Σ_t b_t a_tᵀ‖² = Σ_ts (b_t·b_s)(a_t·a_s) (fp32 Gram matrices — the costly
+    products — then the T² products and their sum in float64, where the catastrophic cancellation happens;
+    error bound in `_gram_norm`). Bias: ‖Σ_t b_t‖ of the fp32 token sum, within γ_{T}·Σ_t‖b_t‖ of exact —
+    linear in the rounding, where its Gram form would be within √(γ_d)·Σ_t‖b_t‖."""
     out = {}
     if B.dim() == 2:
         A, B = A.unsqueeze(1), B.unsqueeze(1)
     b, t, d_out = B.shape
     d_in = A.shape[-1]
-    bn = _token_norms(B)  # [b, T]
-    contraction = gamma(b * t + 2, unit_roundoff(B.device))
-    gb = cache.gram(B) if t > 1 else None
+    u = unit_roundoff(B.device)
+    bn = cache.token_norms(B)  # [b, T]
+    contraction = gamma(b * t + 2, u)
     if weight:
-        S = (bn * _token_norms(A)).sum(1)
+        an = cache.token_norms(A)
+        S = (bn * an).sum(1)
         if t == 1:  # one token: ‖b aᵀ‖ = ‖b‖‖a‖
             n = B.double().squeeze(1).norm(dim=1) * A.double().squeeze(1).norm(dim=1)
             delta = gamma(d_in + d_out + 4, U64) * S
         else:
-            n, delta = _gram_norm(gb * cache.gram(A), lambda i: _gram64(B[i]) * _gram64(A[i]), S, d_in + d_out, t)
+            n, delta = _gram_norm(cache.gram(A), cache.gram(B), lambda: cache.abs_gram(A), lambda: cache.abs_gram(B),
+                                  an, bn, gamma(d_in + 1, u), gamma(d_out + 1, u), d_in + d_out,
+                                  lambda i: _gram64(B[i]) * _gram64(A[i]))
         out["weight"] = (n, delta + contraction * S)
     if bias:
         Sb = bn.sum(1)
-        if t == 1:
-            nb, db = B.double().squeeze(1).norm(dim=1), gamma(d_out + 2, U64) * Sb
-        else:  # ‖Σ_t b_t‖² = Σ_ts (b_t·b_s), from the same Gram matrix
-            nb, db = _gram_norm(gb, lambda i: _gram64(B[i]), Sb, d_out, t)
+        # the fp32 sum over T tokens is Σ_t b_t(1 + θ_t), |θ| ≤ γ_{T−1}; its float64 norm is within γ⁶⁴_{d+2}
+        nb = B.sum(1).double().norm(dim=1)
+        db = gamma(t, u) * Sb + 2.0 * gamma(d_out + 4, U64) * nb
         out["bias"] = (nb, db + contraction * Sb)
     return out
 
 
 def embedding_norms(ids: Tensor, B: Tensor, cache: GramCache) -> tuple[Tensor, Tensor]:
     """Per-sample norm of an Embedding's gradient, ‖Σ_t e_{id_t} b_tᵀ‖² = Σ_ts [id_t = id_s] (b_t·b_s) from
-    the Gram matrix (as `linear_norms`), with its bound. Rows at padding_idx are counted in n̂ (an
-    over-estimate: the released sum leaves them out)."""
+    the Gram matrix (as `linear_norms`; the id mask is exact, ‖e_{id}‖ = 1), with its bound. Rows at
+    padding_idx are counted in n̂ (an over-estimate: the released sum leaves them out)."""
     B = B.reshape(len(B), -1, B.shape[-1])
     ids = ids.reshape(len(B), -1)
     t = B.shape[1]
-    Sb = _token_norms(B).sum(1)
-    same = ids.unsqueeze(2) == ids.unsqueeze(1)
-    n, delta = _gram_norm(cache.gram(B) * same, lambda i: _gram64(B[i]) * same[i], Sb, B.shape[-1], t)
+    bn = cache.token_norms(B)
+    Sb = bn.sum(1)
+    same = (ids.unsqueeze(2) == ids.unsqueeze(1)).double()
+    n, delta = _gram_norm(same, cache.gram(B), lambda: same, lambda: cache.abs_gram(B), torch.ones_like(bn), bn, 0.0,
+                          gamma(B.shape[-1] + 1, unit_roundoff(B.device)), B.shape[-1], lambda i: _gram64(B[i]) * same[i])
     return n, delta + gamma(len(B) * t + 2, unit_roundoff(B.device)) * Sb
 
 

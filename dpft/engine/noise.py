@@ -105,8 +105,8 @@ class NoiseSource:
 
 
 class StepNoise:
-    """Gaussian noise of one optimizer step; `dp_step` calls `gaussian` once per privatised
-    tensor, in the fixed parameter order, so the draws are a function of (key, step)."""
+    """Gaussian noise of one optimizer step; `dp_step` draws every privatised tensor through
+    `gaussians`, in the fixed parameter order, so the draws are a function of (key, step)."""
 
     def __init__(self, source: NoiseSource, step: int):
         self.source, self.step = source, step
@@ -119,29 +119,74 @@ class StepNoise:
         return self._gens[kind]
 
     def gaussian(self, shape, std: float, device) -> torch.Tensor:
-        gen = self._gen(device)
-        if std == 0:
-            return torch.zeros(shape, device=device)
+        return self.gaussians([(shape, std)], device)[0]
+
+    def gaussians(self, specs, device) -> list[torch.Tensor]:
+        """One N(0, std²) tensor per (shape, std) of `specs`, in order (a step's noise: `dp_step` and the
+        audit's rebuild both draw through here).
+
+        `seeded` mode, and devices other than the CPU: each tensor in turn from the step's one stream —
+        bit for bit what a single `gaussian` per tensor draws. Keyed modes on the CPU: a CPU generator is
+        serial, so the tensors of equal std are drawn as ONE vector cut into fixed CHUNK-entry chunks, each
+        (in the mode's own way) from a generator seeded from this step's secret stream, on torch's threads
+        (`_fill_chunks`); a vector below PARALLEL_MIN entries is drawn from the step's stream itself. The
+        chunks depend on neither the thread count (data-parallel ranks draw the same noise) nor how the
+        vector is split into tensors' storage, and a model's many small tensors (biases, LayerNorms,
+        MiniLM's 384×384 weights) are drawn in parallel with the large ones."""
         secure = self.source.mode == "secure"
-        n = math.prod(shape)
-        if self.source.mode == "seeded" or torch.device(device).type != "cpu" or n < PARALLEL_MIN:
-            return _draw(secure, tuple(shape), std, gen, device)
-        # A CPU generator is serial: a large tensor is drawn in fixed chunks, each (in the mode's own
-        # way) from a generator seeded from this step's secret stream, on torch's threads. The chunks
-        # do not depend on the thread count, so data-parallel ranks draw the same noise. Only for
-        # the keyed modes nobody replays; `seeded` keeps its single stream, bit for bit.
-        cuts = list(range(0, n, CHUNK)) + [n]
-        seeds = torch.randint(0, 2**62, (len(cuts) - 1,), generator=gen).tolist()
-        z = torch.empty(n)
+        gen = self._gen(device)
+        if self.source.mode == "seeded" or torch.device(device).type != "cpu":
+            return [torch.zeros(tuple(shape), device=device) if std == 0 else _draw(secure, tuple(shape), std, gen, device)
+                    for shape, std in specs]
+        out: list = [torch.empty(tuple(shape)) for shape, _ in specs]
+        groups: dict[float, list[int]] = {}
+        for i, (_, std) in enumerate(specs):
+            groups.setdefault(float(std), []).append(i)
+        for std, idx in groups.items():  # first-appearance order of the stds: fixed by the parameters' order
+            flat = [out[i].view(-1) for i in idx]
+            n = sum(len(f) for f in flat)
+            if std == 0:
+                for f in flat:
+                    f.zero_()
+            elif n < PARALLEL_MIN:
+                z = _draw(secure, (n,), std, gen, device)
+                for f, piece in zip(flat, z.split([len(f) for f in flat])):
+                    f.copy_(piece)
+            else:
+                _fill_chunks(secure, flat, std, gen)
+        return out
 
-        def fill(i: int) -> None:
-            g = torch.Generator()
-            g.manual_seed(int(seeds[i]))
-            _draw_into(secure, z[cuts[i]:cuts[i + 1]], std, g)
 
-        threads = torch.get_num_threads()
-        list(_pool(threads).map(fill, range(len(seeds))) if threads > 1 else map(fill, range(len(seeds))))
-        return z.view(tuple(shape))
+def _fill_chunks(secure: bool, flat: list[torch.Tensor], std: float, gen: torch.Generator) -> None:
+    """Fill the 1-D tensors `flat`, read as one vector, with N(0, std²) chunk by chunk: chunk i (entries
+    [i·CHUNK, (i+1)·CHUNK)) from a generator seeded with the i-th draw of `gen`; a chunk inside one tensor
+    is drawn in place, one that straddles tensors is drawn whole and copied into its pieces."""
+    import bisect
+
+    starts = [0]
+    for f in flat:
+        starts.append(starts[-1] + len(f))
+    n = starts[-1]
+    cuts = list(range(0, n, CHUNK)) + [n]
+    seeds = torch.randint(0, 2**62, (len(cuts) - 1,), generator=gen).tolist()
+
+    def fill(i: int) -> None:
+        a, b = cuts[i], cuts[i + 1]
+        g = torch.Generator()
+        g.manual_seed(int(seeds[i]))
+        j = bisect.bisect_right(starts, a) - 1
+        if b <= starts[j + 1]:
+            _draw_into(secure, flat[j][a - starts[j]:b - starts[j]], std, g)
+            return
+        z = torch.empty(b - a)
+        _draw_into(secure, z, std, g)
+        while a < b:
+            end = min(b, starts[j + 1])
+            flat[j][a - starts[j]:end - starts[j]].copy_(z[a - cuts[i]:end - cuts[i]])
+            a, j = end, j + 1
+
+    threads = torch.get_num_threads()
+    list(_pool(threads).map(fill, range(len(seeds))) if threads > 1 else map(fill, range(len(seeds))))
 
 
 # CPU, keyed modes: tensors with at least PARALLEL_MIN entries are drawn in chunks of CHUNK

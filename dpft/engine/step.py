@@ -222,8 +222,7 @@ def dp_step(*, model, chunks: list[Batch], method, params: dict[str, nn.Paramete
     b = method.privacy.expected_batch_size
     std = method.noise_std()
     noised = {}
-    for name, s in clipped.items():
-        z = _gaussian(noise_generator, s.shape, float(std[name]), s.device)
+    for (name, s), z in zip(clipped.items(), _gaussians(noise_generator, clipped, std)):
         noised[name] = z.add_(s).div_(b)  # (s + z) / b, rounded the same, without two temporaries
     processed = method.postprocess(noised, {n: float(std[n]) / b for n in noised}, step)
 
@@ -270,10 +269,16 @@ def _accumulate(clipped: dict[str, Tensor], name: str, g: Tensor) -> None:
         clipped[name] = g.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
 
 
-def _gaussian(noise, shape, std: float, device) -> Tensor:
+def _gaussians(noise, clipped: dict[str, Tensor], std: dict) -> list[Tensor]:
+    """The step's noise, one tensor per entry of `clipped` in its (the parameters') order."""
+    specs = [(s.shape, float(std[name])) for name, s in clipped.items()]
+    devices = {s.device for s in clipped.values()}
     if isinstance(noise, torch.Generator):
-        return torch.normal(0.0, std, size=shape, generator=noise, device=device)
-    return noise.gaussian(shape, std, device)
+        return [torch.normal(0.0, sd, size=shape, generator=noise, device=s.device)
+                for (shape, sd), s in zip(specs, clipped.values())]
+    if len(devices) == 1:
+        return noise.gaussians(specs, devices.pop())
+    return [noise.gaussians([spec], s.device)[0] for spec, s in zip(specs, clipped.values())]  # a model split over devices
 
 
 def _alignment(clipped, noised, processed, b, per_layer) -> dict:
