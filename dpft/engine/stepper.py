@@ -21,6 +21,7 @@ import torch
 
 from dpft.config import grad_sample_refusal
 from dpft.engine.hooks import attach_hooks
+from dpft.engine.memory import retain_freed_memory
 from dpft.engine.step import Batch, dp_step, nonprivate_step
 from dpft.errors import DpftError
 from dpft.methods import PrivacyParams
@@ -43,6 +44,7 @@ class Stepper:
             if refused:
                 raise DpftError(refused)
         self.method, self.noise, self.dist = method, noise, dist
+        retain_freed_memory()  # dpft/engine/memory.py: a step reuses the last one's pages
         self.mode = str(cfg.engine.grad_sample_mode)
         model.train()
         self.model = method.prepare_model(model)
