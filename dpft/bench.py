@@ -32,6 +32,7 @@ import torch
 
 from dpft.config import grad_sample_refusal
 from dpft.engine.batches import Encoded, chunks
+from dpft.engine.memory import release_freed_memory, retain_freed_memory
 from dpft.engine.noise import NoiseSource
 from dpft.engine.step import Batch
 from dpft.engine.stepper import Stepper
@@ -53,7 +54,7 @@ class _RssPeak:
             return 0
 
     def __enter__(self):
-        _release_freed_memory()  # else a later path reuses the heap an earlier one grew and reads ~0
+        release_freed_memory()
         self.base = self._rss()
         self.peak = self.base
         self._t = threading.Thread(target=self._run, daemon=True)
@@ -68,17 +69,6 @@ class _RssPeak:
     def __exit__(self, *exc):
         self._stop.set()
         self._t.join()
-
-
-def _release_freed_memory() -> None:
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back to the OS (glibc)
-    except (OSError, AttributeError):
-        pass
 
 
 OPACUS_PATHS = {"opacus-hooks": "hooks", "opacus-ghost": "ghost"}
@@ -238,7 +228,7 @@ def _fits(base, cfg, path: str, b: int, length: int, vocab: int, device) -> bool
         if built is not None:
             built.cleanup()
         del built
-        _release_freed_memory()
+        release_freed_memory()
         torch.cuda.empty_cache()
 
 
@@ -254,6 +244,7 @@ def bench(cfg, paths: list[str], batch_size: int, length: int, steps: int, warmu
     step of its own round), and every path's model stays in memory at once."""
     from dpft.models import apply_peft, load_classifier
 
+    retain_freed_memory()  # as training's Stepper sets it, before any path (Opacus' too) is built
     if max_batch is not None and device.type != "cuda":
         raise DpftError("--max-batch needs a CUDA device (on the CPU running out of memory kills the process)")
     base = load_classifier(cfg.model, 2, int(cfg.seed)).to(device)

@@ -35,6 +35,7 @@ process group, never to disk), so all ranks draw the same batch and add the same
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import math
 import hmac
@@ -161,8 +162,6 @@ def _fill_chunks(secure: bool, flat: list[torch.Tensor], std: float, gen: torch.
     """Fill the 1-D tensors `flat`, read as one vector, with N(0, std²) chunk by chunk: chunk i (entries
     [i·CHUNK, (i+1)·CHUNK)) from a generator seeded with the i-th draw of `gen`; a chunk inside one tensor
     is drawn in place, one that straddles tensors is drawn whole and copied into its pieces."""
-    import bisect
-
     starts = [0]
     for f in flat:
         starts.append(starts[-1] + len(f))

@@ -272,12 +272,12 @@ def _accumulate(clipped: dict[str, Tensor], name: str, g: Tensor) -> None:
 def _gaussians(noise, clipped: dict[str, Tensor], std: dict) -> list[Tensor]:
     """The step's noise, one tensor per entry of `clipped` in its (the parameters') order."""
     specs = [(s.shape, float(std[name])) for name, s in clipped.items()]
-    devices = {s.device for s in clipped.values()}
     if isinstance(noise, torch.Generator):
         return [torch.normal(0.0, sd, size=shape, generator=noise, device=s.device)
                 for (shape, sd), s in zip(specs, clipped.values())]
-    if len(devices) == 1:
-        return noise.gaussians(specs, devices.pop())
+    devices = {s.device for s in clipped.values()}
+    if len(devices) <= 1:
+        return noise.gaussians(specs, devices.pop() if devices else "cpu")
     return [noise.gaussians([spec], s.device)[0] for spec, s in zip(specs, clipped.values())]  # a model split over devices
 
 
